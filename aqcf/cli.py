@@ -1,0 +1,60 @@
+"""The ``aqcf`` program.
+
+``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI (:mod:`aqcf.training.cli`); every
+other verb is an ordinary subcommand whose module exposes ``main(argv) -> int`` and is imported only
+when called, so ``aqcf --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from aqcf.errors import AqcfError
+
+__all__ = ["main", "VERBS"]
+
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+
+# verb -> ("module:function", one-line help)
+VERBS: dict[str, tuple[str, str]] = {
+    "summary": ("aqcf.networks.summary:main", "print the network's layers and parameter count"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: aqcf VERB [options]   (aqcf VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {v:<10} LightningCLI: {v} a model from a YAML config (--config)" for v in LIGHTNING_VERBS]
+    lines += [f"  {v:<10} {help_}" for v, (_, help_) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def _run_verb(target: str, argv: list[str]) -> int:
+    module_name, func_name = target.split(":")
+    func = getattr(importlib.import_module(module_name), func_name)
+    return int(func(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    try:
+        if verb in LIGHTNING_VERBS:
+            return _run_verb("aqcf.training.cli:run_lightning", [verb, *rest])
+        if verb in VERBS:
+            return _run_verb(VERBS[verb][0], rest)
+        print(f"aqcf: error: unknown verb {verb!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    except AqcfError as err:
+        print(f"aqcf: error: {err}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as err:
+        print(f"aqcf: error: {err.filename or err}: no such file or directory", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
