@@ -1,0 +1,255 @@
+"""Statistics of the A-QCF gate values λ over a test set (section 4.4.2, Table 6).
+
+After each forward pass the network records its gates as a dict
+``{"stage{s}/mri_to_ct": (B,), "stage{s}/ct_to_mri": (B,)}`` (s = 1..4; a gate of shape
+(B, 1, 1, 1, 1) is flattened the same way). :class:`GateRecorder` collects those dicts over the test
+set; :meth:`GateRecorder.table` gives the median and interquartile range per stage and direction, as
+Table 6 reports them; :func:`write_gate_table` writes it as Markdown and CSV; :func:`plot_gates` draws
+a box plot per stage and direction.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from aqcf.errors import AqcfError
+from aqcf.visualize import save_figure
+
+__all__ = ["DIRECTIONS", "GateRow", "GateRecorder", "gate_rows", "write_gate_table", "plot_gates"]
+
+# Table 6's column order; the first direction lets MRI features into the CT stream.
+DIRECTIONS = ("mri_to_ct", "ct_to_mri")
+DIRECTION_LABELS = {"mri_to_ct": "MRI → CT (λ_mri→ct)", "ct_to_mri": "CT → MRI (λ_ct→mri)"}
+_KEY = re.compile(r"^stage(\d+)/(mri_to_ct|ct_to_mri)$")
+
+
+class GateRow(NamedTuple):
+    """One row of Table 6: the distribution of λ at one encoder stage in one direction.
+
+    Quartiles are numpy's default (linear interpolation between order statistics, Hyndman & Fan
+    type 7, as R's ``quantile`` default).
+    """
+
+    stage: int
+    direction: str
+    n: int
+    median: float
+    q1: float
+    q3: float
+
+
+def _as_array(value: object) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor, without importing torch here
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float64).reshape(-1)
+
+
+def _parse_key(key: str) -> tuple[int, str]:
+    match = _KEY.match(str(key))
+    if not match:
+        raise AqcfError(f"gate key {key!r} is not 'stage<N>/mri_to_ct' or 'stage<N>/ct_to_mri'")
+    return int(match.group(1)), match.group(2)
+
+
+class GateRecorder:
+    """Collects gate values λ over many forward passes.
+
+    Example::
+
+        recorder = GateRecorder()
+        for batch in loader:
+            net(batch)                      # the network fills its gate dict
+            recorder.update(net.gates)      # {"stage1/mri_to_ct": (B,), ...}
+        write_gate_table(recorder.table(), "eval/")
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[int, str], list[np.ndarray]] = {}
+
+    def update(self, gates: Mapping[str, object]) -> None:
+        """Add one forward pass's gates: ``"stage{s}/{direction}"`` -> (B,) or (B, 1, 1, 1, 1) values."""
+        for key, value in gates.items():
+            values = _as_array(value)
+            if not np.all(np.isfinite(values)):
+                raise AqcfError(f"gate {key!r}: non-finite value")
+            self._values.setdefault(_parse_key(key), []).append(values)
+
+    def values(self) -> dict[tuple[int, str], np.ndarray]:
+        """All recorded values: ``(stage, direction)`` -> 1-D array, in stage then Table 6 direction order."""
+        return {key: np.concatenate(self._values[key]) for key in sorted(self._values, key=_order)}
+
+    def table(self) -> list[GateRow]:
+        """Median and quartiles per stage and direction (see :func:`gate_rows`)."""
+        return gate_rows(self.values())
+
+    def __len__(self) -> int:
+        return sum(sum(v.size for v in chunks) for chunks in self._values.values())
+
+
+def _order(key: tuple[int, str]) -> tuple[int, int]:
+    return key[0], DIRECTIONS.index(key[1])
+
+
+def gate_rows(values: Mapping[tuple[int, str], Sequence[float]]) -> list[GateRow]:
+    """Table 6 rows from raw values: ``(stage, direction)`` -> λ values."""
+    rows = []
+    for stage, direction in sorted(values, key=_order):
+        v = np.asarray(values[(stage, direction)], dtype=np.float64)
+        if v.size == 0:
+            continue
+        q1, median, q3 = np.quantile(v, [0.25, 0.5, 0.75])
+        rows.append(GateRow(stage, direction, int(v.size), float(median), float(q1), float(q3)))
+    return rows
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_gate_table(
+    rows: Sequence[GateRow], out_dir: str | os.PathLike, digits: int = 2
+) -> tuple[Path, Path]:
+    """Write Table 6 as ``gates.md`` (Median [Q1, Q3] per stage and direction) and ``gates.csv``.
+
+    Args:
+        rows: from :meth:`GateRecorder.table`.
+        out_dir: output folder (created).
+        digits: decimals in the Markdown table (the CSV keeps full precision).
+
+    Returns:
+        (Markdown path, CSV path).
+    """
+    if not rows:
+        raise AqcfError("write_gate_table: no gate values were recorded")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(GateRow._fields)
+    for row in rows:
+        writer.writerow(row)
+    _atomic_write_text(out / "gates.csv", buffer.getvalue())
+
+    by_key = {(row.stage, row.direction): row for row in rows}
+    lines = [
+        "Adaptive gate values λ: Median [Q1, Q3] (n values)",
+        "",
+        "| Encoder stage | " + " | ".join(DIRECTION_LABELS[d] for d in DIRECTIONS) + " |",
+        "|---|" + "---|" * len(DIRECTIONS),
+    ]
+    for stage in sorted({row.stage for row in rows}):
+        cells = []
+        for direction in DIRECTIONS:
+            row = by_key.get((stage, direction))
+            cells.append(
+                "—"
+                if row is None
+                else f"{row.median:.{digits}f} [{row.q1:.{digits}f}, {row.q3:.{digits}f}] (n={row.n})"
+            )
+        lines.append(f"| Stage {stage} | " + " | ".join(cells) + " |")
+    _atomic_write_text(out / "gates.md", "\n".join(lines) + "\n")
+    return out / "gates.md", out / "gates.csv"
+
+
+def plot_gates(
+    data: Sequence[GateRow] | Mapping[tuple[int, str], Sequence[float]] | GateRecorder,
+    path: str | os.PathLike,
+    title: str | None = None,
+) -> Path:
+    """Box plot of λ per stage, one box per direction, saved as a PNG (atomically).
+
+    Raw values (a recorder or ``{(stage, direction): values}``) give ordinary box plots (whiskers at
+    1.5 IQR, outliers as points); Table 6 rows give boxes of the median and IQR without whiskers,
+    since the rows do not hold the extremes.
+
+    Args:
+        data: a :class:`GateRecorder`, raw values, or rows from :meth:`GateRecorder.table`.
+        path: destination ``.png``.
+        title: optional title.
+
+    Returns:
+        The path written.
+    """
+    if isinstance(data, GateRecorder):
+        data = data.values()
+    raw = isinstance(data, Mapping)
+    keys = sorted(data if raw else {(row.stage, row.direction) for row in data}, key=_order)
+    if not keys:
+        raise AqcfError(f"{path}: no gate values to plot")
+    stages = sorted({stage for stage, _ in keys})
+    width = 0.35
+    colours = {"mri_to_ct": "#d95f02", "ct_to_mri": "#1b9e77"}
+
+    fig = Figure(figsize=(1.4 * len(stages) + 2.5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for i, direction in enumerate(DIRECTIONS):
+        offset = (i - 0.5) * width
+        present = [s for s in stages if (s, direction) in keys]
+        if not present:
+            continue
+        positions = [s + offset for s in present]
+        style = {
+            "positions": positions,
+            "widths": width * 0.9,
+            "patch_artist": True,
+            "medianprops": {"color": "black"},
+            "boxprops": {"facecolor": colours[direction], "alpha": 0.8},
+        }
+        if raw:
+            artists = ax.boxplot(
+                [np.asarray(data[(s, direction)], dtype=np.float64) for s in present], **style
+            )
+        else:
+            by_key = {(row.stage, row.direction): row for row in data}
+            stats = [
+                {
+                    "med": by_key[(s, direction)].median,
+                    "q1": by_key[(s, direction)].q1,
+                    "q3": by_key[(s, direction)].q3,
+                    "whislo": by_key[(s, direction)].q1,
+                    "whishi": by_key[(s, direction)].q3,
+                    "fliers": [],
+                }
+                for s in present
+            ]
+            artists = ax.bxp(stats, showfliers=False, showcaps=False, **style)
+        artists["boxes"][0].set_label(DIRECTION_LABELS[direction])
+    ax.set_xticks(stages)
+    ax.set_xticklabels([f"Stage {s}" for s in stages])
+    ax.set_ylabel("gate value λ")
+    if _within_unit(data, raw):
+        ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _within_unit(data: object, raw: bool) -> bool:
+    # λ comes from a sigmoid; fix the axis to [0, 1] then so that plots of different runs compare
+    if raw:
+        values = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in data.values()])
+    else:
+        values = np.asarray([[row.q1, row.q3] for row in data], dtype=np.float64)
+    return bool(values.size and values.min() >= 0 and values.max() <= 1 and not math.isnan(values.sum()))
