@@ -34,7 +34,12 @@ def table_product(q, p):
 
 
 def components(weights):
-    return [weights.r_weight.detach(), weights.i_weight.detach(), weights.j_weight.detach(), weights.k_weight.detach()]
+    return [
+        weights.r_weight.detach(),
+        weights.i_weight.detach(),
+        weights.j_weight.detach(),
+        weights.k_weight.detach(),
+    ]
 
 
 def test_unit_table_matches_hamilton_rules():

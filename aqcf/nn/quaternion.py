@@ -181,7 +181,9 @@ class _QuaternionConvBase(nn.Module):
 
     def reset_parameters(self) -> None:
         fan_in, fan_out = self._fans()
-        quaternion_init_((self.r_weight, self.i_weight, self.j_weight, self.k_weight), fan_in, fan_out, self.init)
+        quaternion_init_(
+            (self.r_weight, self.i_weight, self.j_weight, self.k_weight), fan_in, fan_out, self.init
+        )
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
