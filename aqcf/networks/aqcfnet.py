@@ -1,0 +1,332 @@
+"""A-QCF-Net (paper section 3.2, Fig. 2): a dual-stream quaternion U-Net for unpaired CT and MRI.
+
+Per stream: a real stem conv (1 → 4·w0 channels) and a quaternion conv at full resolution, four
+quaternion encoder stages (each halves the grid with a strided 3×3×3 QConv), an A-QCF block after
+each stage exchanging information with the other stream, a shared quaternion bottleneck (one set of
+weights applied to each stream separately), and a decoder of transposed-QConv upsampling with
+attention-gated skips, ending in a 1×1×1 real conv to ``num_classes`` logits.
+
+Widths count quaternion channels (a tensor with width ``w`` has ``4w`` real channels).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from aqcf.constants import CT, MODALITIES, MRI, check_modality
+from aqcf.errors import AqcfError
+from aqcf.nn.attention import QuaternionAttentionGate
+from aqcf.nn.blocks import (
+    DEFAULT_NEGATIVE_SLOPE,
+    QUATERNION,
+    REAL,
+    ConvNormAct,
+    check_algebra,
+    make_conv_transpose,
+)
+from aqcf.nn.fusion import ADAPTIVE, DEFAULT_GATE_REDUCTION, AQCFBlock, check_gate
+from aqcf.nn.quaternion import QUATERNION_COMPONENTS, quaternion_cat
+
+__all__ = [
+    "PAPER_WIDTHS",
+    "PAPER_PARAMETERS",
+    "SHARED",
+    "SEPARATE",
+    "BOTTLENECKS",
+    "AQCFNet",
+    "EncoderStage",
+    "DecoderStage",
+    "Decoder",
+    "count_parameters",
+]
+
+PAPER_WIDTHS = (12, 24, 48, 96, 192, 256)
+PAPER_PARAMETERS = 31.5e6  # section 4.1.4
+SHARED = "shared"
+SEPARATE = "separate"
+BOTTLENECKS = (SHARED, SEPARATE)
+_KERNEL = 3
+_SCALE = 2  # each encoder stage halves, each decoder stage doubles every axis
+_SPATIAL_NDIM = 3
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters of ``module`` (shared ones counted once)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+class EncoderStage(nn.Sequential):
+    """A strided 3×3×3 conv block halving every axis, then a 3×3×3 conv block.
+
+    Shapes: ``(B, in_channels, X, Y, Z)`` -> ``(B, out_channels, X/2, Y/2, Z/2)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, algebra: str, negative_slope: float) -> None:
+        super().__init__(
+            ConvNormAct(in_channels, out_channels, _KERNEL, _SCALE, algebra, negative_slope),
+            ConvNormAct(out_channels, out_channels, _KERNEL, 1, algebra, negative_slope),
+        )
+
+
+class DecoderStage(nn.Module):
+    """Upsample ×2 with a transposed conv, gate the skip, concatenate, two 3×3×3 conv blocks.
+
+    Args:
+        deep_channels: real channels of the coarser input.
+        skip_channels: real channels of the skip (and of the output).
+        algebra: ``"quaternion"`` or ``"real"``.
+        attention_gate: filter the skip with a :class:`QuaternionAttentionGate`.
+        negative_slope: LeakyReLU slope.
+
+    Shapes:
+        ``x (B, deep_channels, X/2, Y/2, Z/2)``, ``skip (B, skip_channels, X, Y, Z)``
+        -> ``(B, skip_channels, X, Y, Z)``.
+    """
+
+    def __init__(
+        self,
+        deep_channels: int,
+        skip_channels: int,
+        algebra: str,
+        attention_gate: bool,
+        negative_slope: float,
+    ) -> None:
+        super().__init__()
+        self.up = make_conv_transpose(algebra, deep_channels, skip_channels, _SCALE, _SCALE)
+        if attention_gate:
+            # Oktay et al.'s joint space has half the skip's width
+            inter = QUATERNION_COMPONENTS * max(1, skip_channels // QUATERNION_COMPONENTS // 2)
+            self.attention_gate = QuaternionAttentionGate(skip_channels, skip_channels, inter, algebra)
+        else:
+            self.attention_gate = None
+        self.convs = nn.Sequential(
+            ConvNormAct(2 * skip_channels, skip_channels, _KERNEL, 1, algebra, negative_slope),
+            ConvNormAct(skip_channels, skip_channels, _KERNEL, 1, algebra, negative_slope),
+        )
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        x = self.up(x)
+        if self.attention_gate is not None:
+            skip = self.attention_gate(skip, x)
+        # per-component concatenation keeps the quaternion layout (harmless for real layers)
+        return self.convs(quaternion_cat([skip, x]))
+
+
+class Decoder(nn.Module):
+    """The decoder of one stream: one :class:`DecoderStage` per encoder stage, deepest first.
+
+    Args:
+        channels: real channels per level, shallow to deep: ``4·(w0, ..., w_{n-1})``.
+        bottom_channels: real channels of the bottleneck output.
+        algebra, attention_gates, negative_slope: as :class:`AQCFNet`.
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[int],
+        bottom_channels: int,
+        algebra: str,
+        attention_gates: bool,
+        negative_slope: float,
+    ) -> None:
+        super().__init__()
+        deeper = [bottom_channels, *reversed(channels[1:])]
+        self.stages = nn.ModuleList(
+            DecoderStage(deep, skip, algebra, attention_gates, negative_slope)
+            for deep, skip in zip(deeper, reversed(channels), strict=True)
+        )
+
+    def forward(self, bottom: Tensor, skips: Sequence[Tensor]) -> Tensor:
+        """``bottom``: bottleneck output; ``skips``: encoder features shallow to deep (one per stage)."""
+        x = bottom
+        for stage, skip in zip(self.stages, reversed(skips), strict=True):
+            x = stage(x, skip)
+        return x
+
+
+class AQCFNet(nn.Module):
+    """A-QCF-Net: two quaternion encoders joined by A-QCF blocks, a shared bottleneck, two decoders.
+
+    Args:
+        in_channels: image channels per modality.
+        num_classes: output classes (background, liver, tumor).
+        widths: quaternion channels ``(stem, stage 1, ..., stage n, bottleneck)``; ``n = len - 2``
+            downsampling stages, so input sizes must be divisible by ``2**n`` (16 for the paper).
+        gate: ``"adaptive"`` (λ learned, eq. 8) or ``"static"`` (λ ≡ 1).
+        cross_fusion: build and apply the A-QCF blocks; ``False`` gives two independent streams.
+        algebra: ``"quaternion"`` or ``"real"`` (same real widths with real layers).
+        bottleneck: ``"shared"`` (one set of weights for both streams) or ``"separate"``.
+        attention_gates: attention-gate the decoder skips.
+        negative_slope: LeakyReLU slope.
+        gate_reduction: reduction of the A-QCF gate MLP's hidden width.
+
+    Attributes:
+        last_gates: after each forward, ``{"stage{s}/mri_to_ct": λ, "stage{s}/ct_to_mri": λ}`` with
+            detached λ of shape ``(B,)`` for ``s = 1..n`` (empty without cross-fusion).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        num_classes: int = 3,
+        widths: Sequence[int] = PAPER_WIDTHS,
+        gate: str = ADAPTIVE,
+        cross_fusion: bool = True,
+        algebra: str = QUATERNION,
+        bottleneck: str = SHARED,
+        attention_gates: bool = True,
+        negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+        gate_reduction: int = DEFAULT_GATE_REDUCTION,
+    ) -> None:
+        super().__init__()
+        widths = tuple(widths)
+        if len(widths) < 3 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+            raise AqcfError(
+                f"widths={widths}: expected at least 3 positive integers (stem, stage 1.., bottleneck)"
+            )
+        if in_channels < 1 or num_classes < 1:
+            raise AqcfError(f"in_channels={in_channels}, num_classes={num_classes}: both must be >= 1")
+        if bottleneck not in BOTTLENECKS:
+            raise AqcfError(f"bottleneck={bottleneck!r}: expected one of {BOTTLENECKS}")
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.widths = widths
+        self.gate = check_gate(gate)
+        self.cross_fusion = bool(cross_fusion)
+        self.algebra = check_algebra(algebra)
+        self.bottleneck_mode = bottleneck
+        self.attention_gates = bool(attention_gates)
+        self.num_stages = len(widths) - 2
+        self.divisor = _SCALE**self.num_stages
+
+        channels = [QUATERNION_COMPONENTS * w for w in widths]
+        levels, bottom = channels[:-1], channels[-1]
+        slope = negative_slope
+        # the first layer is real: one image channel is not a quaternion
+        self.stems = nn.ModuleDict(
+            {
+                m: nn.Sequential(
+                    ConvNormAct(in_channels, levels[0], _KERNEL, 1, REAL, slope),
+                    ConvNormAct(levels[0], levels[0], _KERNEL, 1, algebra, slope),
+                )
+                for m in MODALITIES
+            }
+        )
+        self.encoders = nn.ModuleDict(
+            {
+                m: nn.ModuleList(
+                    EncoderStage(c_in, c_out, algebra, slope)
+                    for c_in, c_out in zip(levels[:-1], levels[1:], strict=True)
+                )
+                for m in MODALITIES
+            }
+        )
+        self.fusion = (
+            nn.ModuleList(AQCFBlock(c, gate, algebra, gate_reduction, slope) for c in levels[1:])
+            if self.cross_fusion
+            else None
+        )
+
+        def make_bottleneck() -> nn.Module:
+            return nn.Sequential(
+                ConvNormAct(levels[-1], bottom, _KERNEL, 1, algebra, slope),
+                ConvNormAct(bottom, bottom, _KERNEL, 1, algebra, slope),
+            )
+
+        self.bottleneck = (
+            make_bottleneck()
+            if bottleneck == SHARED
+            else nn.ModuleDict({m: make_bottleneck() for m in MODALITIES})
+        )
+        self.decoders = nn.ModuleDict(
+            {m: Decoder(levels[:-1], bottom, algebra, self.attention_gates, slope) for m in MODALITIES}
+        )
+        # a real 1x1x1 conv maps the quaternion features back to real class logits
+        self.heads = nn.ModuleDict({m: nn.Conv3d(levels[0], num_classes, 1) for m in MODALITIES})
+        self.last_gates: dict[str, Tensor] = {}
+
+    def _bottleneck(self, modality: str) -> nn.Module:
+        return self.bottleneck if self.bottleneck_mode == SHARED else self.bottleneck[modality]
+
+    def _check_input(self, x: Tensor, name: str) -> None:
+        if x.ndim != 2 + _SPATIAL_NDIM or x.shape[1] != self.in_channels:
+            raise AqcfError(
+                f"{name} input has shape {tuple(x.shape)}: expected (B, {self.in_channels}, X, Y, Z)"
+            )
+        bad = [s for s in x.shape[2:] if s % self.divisor]
+        if bad:
+            raise AqcfError(
+                f"{name} input has spatial size {tuple(x.shape[2:])}: every axis must be divisible by "
+                f"{self.divisor} ({self.num_stages} halvings); pad the patch"
+            )
+
+    def _encode(self, ct: Tensor, mri: Tensor) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+        """Stems, encoder stages and A-QCF blocks; sets ``last_gates``.
+
+        Returns:
+            the deepest features per modality and the skips (shallow to deep, one per decoder stage).
+        """
+        features = {CT: self.stems[CT](ct), MRI: self.stems[MRI](mri)}
+        levels: dict[str, list[Tensor]] = {m: [features[m]] for m in MODALITIES}
+        gates: dict[str, Tensor] = {}
+        for s in range(self.num_stages):
+            features = {m: self.encoders[m][s](features[m]) for m in MODALITIES}
+            if self.fusion is not None:
+                f_ct, f_mri, gate_mri_to_ct, gate_ct_to_mri = self.fusion[s](features[CT], features[MRI])
+                features = {CT: f_ct, MRI: f_mri}
+                gates[f"stage{s + 1}/mri_to_ct"] = gate_mri_to_ct.detach().flatten()
+                gates[f"stage{s + 1}/ct_to_mri"] = gate_ct_to_mri.detach().flatten()
+            for m in MODALITIES:
+                levels[m].append(features[m])
+        self.last_gates = gates
+        return {m: levels[m][-1] for m in MODALITIES}, {m: levels[m][:-1] for m in MODALITIES}
+
+    def _decode(self, modality: str, deepest: Tensor, skips: list[Tensor]) -> Tensor:
+        # the shared bottleneck is applied to each stream on its own (never batched together), so a
+        # stream's output does not depend on whether the other stream is decoded too
+        bottom = self._bottleneck(modality)(deepest)
+        return self.heads[modality](self.decoders[modality](bottom, skips))
+
+    def forward(self, ct: Tensor, mri: Tensor) -> tuple[Tensor, Tensor]:
+        """Joint pass on one CT and one MRI batch (unpaired: only the shapes correspond).
+
+        Args:
+            ct: ``(B, in_channels, X, Y, Z)``, each axis divisible by ``2**num_stages``.
+            mri: same shape as ``ct``.
+
+        Returns:
+            ``(logits_ct, logits_mri)``, each ``(B, num_classes, X, Y, Z)``.
+        """
+        self._check_input(ct, CT)
+        self._check_input(mri, MRI)
+        if ct.shape != mri.shape:
+            raise AqcfError(
+                f"ct input {tuple(ct.shape)} and mri input {tuple(mri.shape)} differ: the two streams need "
+                f"the same batch size and patch size"
+            )
+        deepest, skips = self._encode(ct, mri)
+        return self._decode(CT, deepest[CT], skips[CT]), self._decode(MRI, deepest[MRI], skips[MRI])
+
+    def forward_single(self, x: Tensor, modality: str) -> Tensor:
+        """Unimodal inference (eq. 17): the absent stream gets zeros, the graph is the training graph.
+
+        Both encoders and the A-QCF blocks run as in training; only the absent stream's bottleneck
+        pass and decoder are skipped, which feed nothing the present output depends on, so the result
+        equals ``forward`` with a zero tensor for the other stream.
+
+        Args:
+            x: ``(B, in_channels, X, Y, Z)``.
+            modality: ``"ct"`` or ``"mri"``.
+
+        Returns:
+            logits of ``modality``, ``(B, num_classes, X, Y, Z)``.
+        """
+        modality = check_modality(modality)
+        self._check_input(x, modality)
+        absent = torch.zeros_like(x)
+        ct, mri = (x, absent) if modality == CT else (absent, x)
+        deepest, skips = self._encode(ct, mri)
+        return self._decode(modality, deepest[modality], skips[modality])
