@@ -234,7 +234,7 @@ def _as_3d(img, path: Path) -> tuple[int, ...]:
 
 def load_case(
     image_path: str | os.PathLike, label_paths: Mapping[str, str | os.PathLike]
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+) -> tuple[np.ndarray, dict[str, np.ndarray], tuple[float, float, float]]:
     """Read an image and its label volumes, reoriented to RAS (nibabel's closest canonical).
 
     Args:
@@ -242,7 +242,7 @@ def load_case(
         label_paths: column title -> NIfTI label volume (0/1/2), same grid as the image.
 
     Returns:
-        (image (X, Y, Z) float32, {title: (X, Y, Z) int16}), all in RAS.
+        (image (X, Y, Z) float32, {title: (X, Y, Z) int16}, voxel spacing in mm), all in RAS.
 
     Raises:
         AqcfError: a file is missing or unreadable, or its shape differs from the image's.
@@ -266,7 +266,8 @@ def load_case(
         lab = nib.as_closest_canonical(lab)
         data = np.rint(np.asarray(lab.dataobj, dtype=np.float32)).astype(np.int16)
         labels[name] = data.reshape(image.shape)
-    return image, labels
+    spacing = tuple(float(z) for z in canonical.header.get_zooms()[:3])
+    return image, labels, spacing
 
 
 def plot_qualitative(
@@ -295,10 +296,16 @@ def plot_qualitative(
     if GT_COLUMN in predictions:
         raise AqcfError(f"prediction column name {GT_COLUMN!r} is taken by the ground truth")
     columns = {GT_COLUMN: gt_path, **predictions}
-    image, labels = load_case(image_path, columns)
+    image, labels, spacing = load_case(image_path, columns)
     slices = pick_slices(labels[GT_COLUMN], n_slices)
     fig = overlay_grid(
-        image, labels, slices, alpha=alpha, orientation="RAS", title=title or Path(image_path).name
+        image,
+        labels,
+        slices,
+        alpha=alpha,
+        orientation="RAS",
+        title=title or Path(image_path).name,
+        spacing=spacing,
     )
     return save_figure(fig, out)
 

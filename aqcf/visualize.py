@@ -200,6 +200,7 @@ def overlay_grid(
     alpha: float = 0.4,
     orientation: str = "RAS",
     title: str | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> Figure:
     """Draw a grid of overlays: one row per axial slice, one column per label volume.
 
@@ -213,6 +214,8 @@ def overlay_grid(
         alpha: opacity of the label colours.
         orientation: the volume's axis codes, see :func:`to_display`.
         title: optional figure title.
+        spacing: voxel size (sx, sy, ...) in mm, so that pixels are drawn with their true in-plane
+            aspect; None: square pixels.
 
     Returns:
         A matplotlib ``Figure`` on an Agg canvas (save it with :func:`save_figure`).
@@ -230,14 +233,16 @@ def overlay_grid(
         raise AqcfError(f"overlay_grid: slices {slices} outside 0..{image.shape[2] - 1}")
     window = robust_window(image)
     n_rows, n_cols = len(slices), len(columns)
-    aspect = image.shape[1] / image.shape[0]
-    fig = Figure(figsize=(PANEL_INCHES * n_cols, PANEL_INCHES * aspect * n_rows + 0.6), dpi=DPI)
+    pixel_aspect = 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
+    height_ratio = image.shape[1] * pixel_aspect / image.shape[0]
+    fig = Figure(figsize=(PANEL_INCHES * n_cols, PANEL_INCHES * height_ratio * n_rows + 0.6), dpi=DPI)
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for row, z in enumerate(slices):
         for col, (name, volume) in enumerate(columns.items()):
             ax = axes[row, col]
-            ax.imshow(overlay(image[:, :, z], np.asarray(volume)[:, :, z], alpha, window, orientation))
+            shown = overlay(image[:, :, z], np.asarray(volume)[:, :, z], alpha, window, orientation)
+            ax.imshow(shown, aspect=pixel_aspect, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
@@ -292,6 +297,7 @@ def save_overlay_png(
     slices: Sequence[int] | None = None,
     alpha: float = 0.4,
     orientation: str = "RAS",
+    spacing: Sequence[float] | None = None,
 ) -> Path:
     """Pick slices from the first column's labels (the reference), draw :func:`overlay_grid`, save a PNG.
 
@@ -304,6 +310,7 @@ def save_overlay_png(
         slices: explicit z indices instead of :func:`pick_slices`.
         alpha: opacity of the label colours.
         orientation: the volume's axis codes, see :func:`to_display`.
+        spacing: voxel size in mm (true pixel aspect), or None for square pixels.
 
     Returns:
         The path written.
@@ -312,5 +319,7 @@ def save_overlay_png(
         raise AqcfError(f"{path}: no label volume to draw")
     if slices is None:
         slices = pick_slices(np.asarray(next(iter(columns.values()))), n_slices)
-    fig = overlay_grid(image, columns, slices, alpha=alpha, orientation=orientation, title=title)
+    fig = overlay_grid(
+        image, columns, slices, alpha=alpha, orientation=orientation, title=title, spacing=spacing
+    )
     return save_figure(fig, path)

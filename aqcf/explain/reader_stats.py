@@ -83,7 +83,8 @@ class IccResult:
 def icc_2_1(ratings: np.ndarray, alpha: float = ALPHA) -> IccResult:
     """ICC(2,1): two-way random, absolute agreement, single rater (McGraw & Wong's ICC(A,1)).
 
-    With targets in rows and raters in columns, the two-way ANOVA without replication gives BMS
+    Shrout & Fleiss (1979) case 2. With targets in rows and raters in columns, the two-way ANOVA
+    without replication gives BMS
     (rows), JMS (columns) and EMS (residual), and
 
         ICC = (BMS - EMS) / (BMS + (k - 1) EMS + k (JMS - EMS) / n).
@@ -121,7 +122,7 @@ def icc_2_1(ratings: np.ndarray, alpha: float = ALPHA) -> IccResult:
         raise AqcfError("ICC is undefined: the ratings do not vary")
     icc = (ms_rows - ms_error) / denominator
 
-    if icc >= 1.0 or ms_error == 0:
+    if icc >= 1.0:  # no error variance: the interval collapses onto the estimate
         low = high = float(icc)
     else:
         a = k * icc / (n * (1.0 - icc))

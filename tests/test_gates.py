@@ -1,0 +1,78 @@
+"""Gate statistics (Table 6) from known λ values."""
+
+from __future__ import annotations
+
+import csv
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+import torch
+
+from aqcf.errors import AqcfError
+from aqcf.explain.gates import GateRecorder, GateRow, plot_gates, write_gate_table
+
+
+def _recorder():
+    recorder = GateRecorder()
+    # two forward passes; stage 1 MRI->CT sees 0.1 .. 0.9, stage 1 CT->MRI 0.2, 0.4, 0.6, 0.8
+    recorder.update(
+        {
+            "stage1/mri_to_ct": torch.tensor([0.9, 0.1, 0.5, 0.3]),
+            "stage1/ct_to_mri": torch.tensor([0.8, 0.2]).view(2, 1, 1, 1, 1),
+            "stage2/ct_to_mri": torch.tensor([0.25]),
+        }
+    )
+    recorder.update(
+        {
+            "stage1/mri_to_ct": torch.tensor([0.2, 0.4, 0.6, 0.7, 0.8]),
+            "stage1/ct_to_mri": torch.tensor([0.4, 0.6]).view(2, 1, 1, 1, 1),
+            "stage2/ct_to_mri": torch.tensor([0.75]),
+        }
+    )
+    return recorder
+
+
+def test_table_from_known_values():
+    rows = _recorder().table()
+    # quartiles by linear interpolation at (n - 1) p:
+    #   0.1..0.9 (n = 9): positions 2, 4, 6 -> 0.3, 0.5, 0.7
+    #   0.2, 0.4, 0.6, 0.8 (n = 4): positions 0.75, 1.5, 2.25 -> 0.35, 0.5, 0.65
+    #   0.25, 0.75 (n = 2): positions 0.25, 0.5, 0.75 -> 0.375, 0.5, 0.625
+    expected = [
+        GateRow(1, "mri_to_ct", 9, 0.5, 0.3, 0.7),
+        GateRow(1, "ct_to_mri", 4, 0.5, 0.35, 0.65),
+        GateRow(2, "ct_to_mri", 2, 0.5, 0.375, 0.625),
+    ]
+    assert [(r.stage, r.direction, r.n) for r in rows] == [(r.stage, r.direction, r.n) for r in expected]
+    for row, want in zip(rows, expected, strict=True):
+        assert (row.median, row.q1, row.q3) == pytest.approx((want.median, want.q1, want.q3))
+
+
+def test_bad_key_and_values():
+    with pytest.raises(AqcfError):
+        GateRecorder().update({"stage1/ct2mri": torch.tensor([0.5])})
+    with pytest.raises(AqcfError):
+        GateRecorder().update({"stage1/ct_to_mri": torch.tensor([float("nan")])})
+
+
+def test_write_gate_table(tmp_path):
+    md, csv_path = write_gate_table(_recorder().table(), tmp_path / "eval")
+    text = md.read_text()
+    assert "| Stage 1 | 0.50 [0.30, 0.70] (n=9) | 0.50 [0.35, 0.65] (n=4) |" in text
+    assert "| Stage 2 | — | 0.50 [0.38, 0.62] (n=2) |" in text
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["direction"] for r in rows] == ["mri_to_ct", "ct_to_mri", "ct_to_mri"]
+    assert float(rows[0]["q3"]) == pytest.approx(0.7) and int(rows[0]["n"]) == 9
+    with pytest.raises(AqcfError):
+        write_gate_table([], tmp_path)
+
+
+@pytest.mark.parametrize("source", ["recorder", "rows"])
+def test_plot_gates(tmp_path, source):
+    recorder = _recorder()
+    data = recorder if source == "recorder" else recorder.table()
+    path = plot_gates(data, tmp_path / "gates.png", title="λ")
+    pixels = mpimg.imread(path)[..., :3]
+    assert pixels.std() > 0 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1
