@@ -21,6 +21,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "summary": ("aqcf.networks.summary:main", "print the network's layers and parameter count"),
     "figures": ("aqcf.figures:main", "draw the paper's figures (training curves, qualitative overlays)"),
     "reader-stats": ("aqcf.explain.reader_stats:main", "reader study table: scores, ICC(2,1), Cohen's kappa"),
+    "evaluate": ("aqcf.evaluation.evaluate:main", "Dice, HD95, MSD of predicted masks against references"),
+    "report": ("aqcf.evaluation.report:main", "cross-validation tables, Wilcoxon tests, ablation view"),
 }
 
 
