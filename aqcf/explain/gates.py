@@ -70,8 +70,8 @@ class GateRecorder:
 
         recorder = GateRecorder()
         for batch in loader:
-            net(batch)                      # the network fills its gate dict
-            recorder.update(net.gates)      # {"stage1/mri_to_ct": (B,), ...}
+            net(ct, mri)                    # the network records its gates
+            recorder.update(net.last_gates) # {"stage1/mri_to_ct": (B,), ...}
         write_gate_table(recorder.table(), "eval/")
     """
 

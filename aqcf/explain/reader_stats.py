@@ -84,8 +84,7 @@ def icc_2_1(ratings: np.ndarray, alpha: float = ALPHA) -> IccResult:
     """ICC(2,1): two-way random, absolute agreement, single rater (McGraw & Wong's ICC(A,1)).
 
     Shrout & Fleiss (1979) case 2. With targets in rows and raters in columns, the two-way ANOVA
-    without replication gives BMS
-    (rows), JMS (columns) and EMS (residual), and
+    without replication gives BMS (rows), JMS (columns) and EMS (residual), and
 
         ICC = (BMS - EMS) / (BMS + (k - 1) EMS + k (JMS - EMS) / n).
 
