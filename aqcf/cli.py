@@ -19,6 +19,8 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 # verb -> ("module:function", one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "summary": ("aqcf.networks.summary:main", "print the network's layers and parameter count"),
+    "synth": ("aqcf.data.phantoms:main", "write phantom CT (LiTS layout) and MRI (ATLAS layout) cohorts"),
+    "preprocess": ("aqcf.data.preprocess:main", "preprocess a cohort into the cache folder"),
     "figures": ("aqcf.figures:main", "draw the paper's figures (training curves, qualitative overlays)"),
     "reader-stats": ("aqcf.explain.reader_stats:main", "reader study table: scores, ICC(2,1), Cohen's kappa"),
     "evaluate": ("aqcf.evaluation.evaluate:main", "Dice, HD95, MSD of predicted masks against references"),

@@ -1,0 +1,696 @@
+"""Synthetic abdominal CT and MRI cohorts in the LiTS and ATLAS layouts (``aqcf synth``).
+
+The real cohorts cannot be downloaded here, so every reader and the whole pipeline run on phantoms
+written in exactly the real layouts. A phantom is hand-written (no library draws abdomens): a
+tissue map is built from smooth random shapes, then rendered with a modality's intensity table.
+
+Anatomy (shared by both modalities, drawn independently per subject): a body of elliptic cross
+section with subcutaneous fat, an abdominal muscle wall and visceral fat; lung bases above the
+diaphragm; a liver of irregular smooth shape holding hypo- and hyperintense vessel trees; a
+gallbladder; spleen, stomach (with a gas pocket), bowel loops (wall, fluid, gas), both kidneys
+(cortex and medulla), aorta, inferior vena cava, a vertebra with spinal canal and paraspinal
+muscles; tumors of random number, radius and contrast inside the liver, some with a necrotic core
+(and, on MRI, an enhancing capsule).
+
+CT (LiTS-like, the calibration of ``DESIGN.md`` §4): int16 Hounsfield units, liver 55–70 HU,
+tumors 0–4 per case of radius 3–15 mm, 85% hypodense (20–45 HU) and 15% hyperdense (80–100 HU),
+organs and vessels that overlap the tumors' HU, Gaussian noise of 10–15 HU, stored in LPS
+orientation at 2×2×3 mm. MRI (ATLAS-like, contrast-enhanced fat-suppressed T1): every case has
+1–3 tumors of radius 5–20 mm, mostly hypointense (wash-out) with an enhancing capsule on half of
+them; liver 280–360, a multiplicative bias field and Rician noise; intensities sit inside the
+paper's MRI window [74, 511]; stored in RAS orientation at 1.8×1.8×3.6 mm.
+
+Every difficulty knob (tumor count, radius, contrast, noise, bias field) is a field of
+:class:`PhantomConfig`. Anatomy is laid out relative to the field of view (as a radiographer sizes
+the field of view to the patient), tumor radii are in mm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from aqcf.constants import CT, MRI, check_modality
+from aqcf.errors import AqcfError
+
+__all__ = [
+    "PhantomConfig",
+    "ct_config",
+    "mri_config",
+    "make_case",
+    "synthesize",
+    "main",
+]
+
+# Tissue codes of the intermediate tissue map; tumors use TUMOR + 3k (+1 necrotic core, +2 capsule).
+AIR, FAT, MUSCLE, BONE, CORTEX, LUNG, LIVER, HEPATIC_VEIN, PORTAL_VEIN, SPLEEN = range(10)
+KIDNEY_CORTEX, KIDNEY_MEDULLA, AORTA, IVC, BOWEL_WALL, BOWEL_LUMEN, GAS, GALLBLADDER = range(10, 18)
+STOMACH, SPINAL_CANAL = 18, 19
+TUMOR = 32
+LIVER_TISSUES = (LIVER, HEPATIC_VEIN, PORTAL_VEIN)
+
+# (low, high, texture amplitude): a subject's tissue mean is drawn uniformly in [low, high]; the
+# texture amplitude scales a smooth unit-variance field (same units). Liver and tumors come from
+# PhantomConfig. Values overlap the tumors' on purpose: muscle, kidney medulla, bowel content,
+# gallbladder and hepatic veins look like hypodense tumors; portal veins, IVC and bowel wall like
+# hyperdense ones, so a single intensity window cannot find the tumors.
+CT_TISSUES: dict[int, tuple[float, float, float]] = {
+    AIR: (-1000, -990, 2),
+    FAT: (-115, -85, 6),
+    MUSCLE: (35, 55, 4),
+    BONE: (200, 350, 30),
+    CORTEX: (600, 900, 40),
+    LUNG: (-870, -820, 15),
+    HEPATIC_VEIN: (30, 50, 2),
+    PORTAL_VEIN: (90, 130, 3),
+    SPLEEN: (45, 60, 3),
+    KIDNEY_CORTEX: (140, 190, 5),
+    KIDNEY_MEDULLA: (20, 40, 3),
+    AORTA: (150, 250, 3),
+    IVC: (90, 130, 3),
+    BOWEL_WALL: (70, 100, 5),
+    BOWEL_LUMEN: (10, 40, 5),
+    GAS: (-950, -850, 20),
+    GALLBLADDER: (0, 20, 2),
+    STOMACH: (5, 30, 3),
+    SPINAL_CANAL: (10, 30, 2),
+}
+# Fat-suppressed contrast-enhanced T1 in the portal-venous phase, arbitrary units.
+MRI_TISSUES: dict[int, tuple[float, float, float]] = {
+    AIR: (0, 8, 1),
+    FAT: (110, 160, 8),
+    MUSCLE: (150, 200, 8),
+    BONE: (180, 250, 15),
+    CORTEX: (20, 50, 5),
+    LUNG: (10, 30, 4),
+    HEPATIC_VEIN: (430, 520, 10),
+    PORTAL_VEIN: (450, 540, 10),
+    SPLEEN: (320, 400, 10),
+    KIDNEY_CORTEX: (450, 530, 10),
+    KIDNEY_MEDULLA: (300, 380, 10),
+    AORTA: (480, 580, 10),
+    IVC: (420, 500, 10),
+    BOWEL_WALL: (300, 380, 12),
+    BOWEL_LUMEN: (60, 120, 10),
+    GAS: (0, 15, 3),
+    GALLBLADDER: (50, 90, 5),
+    STOMACH: (60, 110, 8),
+    SPINAL_CANAL: (50, 80, 5),
+}
+LIVER_TEXTURE = {CT: 3.0, MRI: 10.0}
+TUMOR_TEXTURE = {CT: 5.0, MRI: 15.0}
+NECROSIS = {CT: (10.0, 25.0), MRI: (80.0, 120.0)}
+CAPSULE = {CT: None, MRI: (380.0, 440.0)}
+STORED_RANGE = {CT: (-1024, 3071), MRI: (0, 32767)}
+
+
+@dataclass(frozen=True)
+class PhantomConfig:
+    """How one cohort's phantoms are drawn. Intensities are HU for CT, arbitrary units for MRI.
+
+    Attributes:
+        modality: ``"ct"`` or ``"mri"``.
+        shape: Voxels along the canonical (R, A, S) axes; the stored array is reoriented.
+        spacing: Voxel size along (R, A, S) in mm.
+        orientation: Axis codes of the stored array (nibabel ``aff2axcodes``), e.g. ``"LPS"``.
+        obliquity_deg: Largest rotation of the voxel grid about a random axis (0: axis-aligned).
+        spacing_jitter: Relative per-case, per-axis change of the spacing (0.1 = ±10%).
+        n_tumors: Inclusive range of the number of tumors per case.
+        tumor_radius_mm: Range of a tumor's mean radius (mm).
+        hyper_fraction: Probability that a tumor is brighter than the liver.
+        liver: Range of the liver's mean intensity.
+        hypo_tumor, hyper_tumor: Ranges of a darker / brighter tumor's mean intensity.
+        contrast: Scales every tumor's difference from the liver (1 = the ranges above; larger is
+            easier).
+        necrosis_fraction: Probability that a tumor over 10 mm radius has a necrotic core.
+        capsule_fraction: Probability that a darker tumor has an enhancing rim (MRI only).
+        noise: Range of the noise standard deviation (Gaussian on CT, Rician on MRI).
+        bias_field: Standard deviation of the log of a smooth multiplicative field (0: none).
+        gain: Range of a global intensity factor per case (MRI scanners are not calibrated).
+        psf_mm: Standard deviation of the Gaussian point spread function (mm).
+    """
+
+    modality: str
+    shape: tuple[int, int, int] = (128, 128, 48)
+    spacing: tuple[float, float, float] = (2.0, 2.0, 3.0)
+    orientation: str = "LPS"
+    obliquity_deg: float = 0.0
+    spacing_jitter: float = 0.0
+    n_tumors: tuple[int, int] = (0, 4)
+    tumor_radius_mm: tuple[float, float] = (3.0, 15.0)
+    hyper_fraction: float = 0.15
+    liver: tuple[float, float] = (55.0, 70.0)
+    hypo_tumor: tuple[float, float] = (20.0, 45.0)
+    hyper_tumor: tuple[float, float] = (80.0, 100.0)
+    contrast: float = 1.0
+    necrosis_fraction: float = 0.3
+    capsule_fraction: float = 0.0
+    noise: tuple[float, float] = (10.0, 15.0)
+    bias_field: float = 0.0
+    gain: tuple[float, float] = (1.0, 1.0)
+    psf_mm: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modality", check_modality(self.modality))
+        if len(self.shape) != 3 or min(self.shape) < 8:
+            raise AqcfError(f"phantom shape {tuple(self.shape)}: need three sizes of at least 8 voxels")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise AqcfError(f"phantom spacing {tuple(self.spacing)}: need three positive sizes in mm")
+        lo, hi = self.n_tumors
+        if not 0 <= lo <= hi:
+            raise AqcfError(f"phantom tumor count range {self.n_tumors}: need 0 <= low <= high")
+        lo, hi = self.tumor_radius_mm
+        if not 0 < lo <= hi:
+            raise AqcfError(f"phantom tumor radius range {self.tumor_radius_mm}: need 0 < low <= high (mm)")
+        codes = "".join(sorted(self.orientation.upper()))
+        if len(self.orientation) != 3 or not all(
+            any(c in codes for c in pair) for pair in ("LR", "AP", "IS")
+        ):
+            raise AqcfError(f"phantom orientation {self.orientation!r}: need one of R/L, A/P, I/S each")
+
+
+def ct_config(**overrides) -> PhantomConfig:
+    """The LiTS-like CT phantom of ``DESIGN.md`` §4, with any field replaced by ``overrides``."""
+    return PhantomConfig(modality=CT, **overrides)
+
+
+def mri_config(**overrides) -> PhantomConfig:
+    """The ATLAS-like contrast-enhanced T1 MRI phantom, with any field replaced by ``overrides``."""
+    defaults = dict(
+        modality=MRI,
+        spacing=(1.8, 1.8, 3.6),
+        orientation="RAS",
+        n_tumors=(1, 3),
+        tumor_radius_mm=(5.0, 20.0),
+        liver=(280.0, 360.0),
+        hypo_tumor=(150.0, 230.0),
+        hyper_tumor=(400.0, 470.0),
+        capsule_fraction=0.5,
+        noise=(12.0, 20.0),
+        bias_field=0.2,
+        gain=(0.85, 1.15),
+        psf_mm=1.2,
+    )
+    defaults.update(overrides)
+    return PhantomConfig(**defaults)
+
+
+def _smooth_field(shape, spacing, sigma_mm: float, rng: np.random.Generator) -> np.ndarray:
+    """A smooth Gaussian random field of unit variance, correlation length ``sigma_mm``.
+
+    Drawn on a coarse grid (two samples per sigma) and upsampled linearly, which costs a fraction of
+    filtering full-resolution noise.
+    """
+    shape = np.asarray(shape)
+    step = sigma_mm / 2.0
+    coarse = np.maximum(np.ceil(shape * np.asarray(spacing) / step).astype(int) + 1, 2)
+    noise = ndimage.gaussian_filter(rng.standard_normal(coarse).astype(np.float32), sigma=2.0, mode="wrap")
+    fine = ndimage.zoom(noise, shape / coarse, order=1, grid_mode=False)
+    fine = fine[: shape[0], : shape[1], : shape[2]]
+    return (fine - fine.mean()) / (fine.std() + 1e-6)
+
+
+def _radius(grids, centre, semi) -> np.ndarray:
+    """Normalised ellipsoid radius (< 1 inside) on broadcast coordinate grids."""
+    return np.sqrt(sum(((g - c) / a) ** 2 for g, c, a in zip(grids, centre, semi, strict=True)))
+
+
+@dataclass
+class _Tumor:
+    index: int
+    hyper: bool
+    necrotic: bool
+    capsule: bool
+
+
+@dataclass
+class _Anatomy:
+    tissue: np.ndarray
+    label: np.ndarray
+    tumors: list[_Tumor] = field(default_factory=list)
+
+
+def _anatomy(cfg: PhantomConfig, spacing: np.ndarray, rng: np.random.Generator) -> _Anatomy:
+    """Tissue map (uint8 codes) and label map (0/1/2) on the canonical (R, A, S) grid."""
+    shape = tuple(cfg.shape)
+    u, v, w = (
+        np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if i == k else 1 for i in range(3)])
+        for k, n in enumerate(shape)
+    )
+
+    def smooth(sigma_mm: float) -> np.ndarray:
+        return _smooth_field(shape, spacing, sigma_mm, rng)
+
+    tissue = np.full(shape, AIR, dtype=np.uint8)
+
+    # Body wall: subcutaneous fat, then muscle, then the visceral cavity.
+    centre_v = rng.uniform(-0.05, 0.03)
+    semi_u, semi_v = rng.uniform(0.78, 0.9), rng.uniform(0.58, 0.72)
+    taper = 1 + rng.uniform(-0.06, 0.06) * w
+    rho = np.sqrt((u / (semi_u * taper)) ** 2 + ((v - centre_v) / (semi_v * taper)) ** 2) * (
+        1 + 0.03 * smooth(40)
+    )
+    fat, wall = rng.uniform(0.06, 0.16), rng.uniform(0.03, 0.06)
+    body = rho < 1
+    tissue[body] = FAT
+    tissue[rho < 1 - fat] = MUSCLE
+    cavity = rho < 1 - fat - wall
+    tissue[cavity] = FAT
+    spine_v = centre_v - 0.62 * semi_v
+
+    # Lung bases above a domed diaphragm (lower at the periphery).
+    periphery = (u / semi_u) ** 2 + ((v - centre_v) / semi_v) ** 2
+    lungs = cavity & (w > rng.uniform(0.45, 0.7) + 0.3 * (1 - periphery))
+    tissue[lungs] = LUNG
+
+    # Bowel loops in the lower anterior abdomen: tubes where two smooth fields are both near zero.
+    tube = smooth(10) ** 2 + smooth(10) ** 2
+    bowel = cavity & ~lungs & (w < rng.uniform(-0.1, 0.2)) & (v > spine_v + 0.15)
+    tissue[bowel & (tube < 0.9)] = BOWEL_WALL
+    lumen = bowel & (tube < 0.5)
+    tissue[lumen] = BOWEL_LUMEN
+    tissue[lumen & (smooth(15) > 1.0)] = GAS
+
+    # Stomach in the left upper quadrant, gas rising to its anterior part.
+    centre = (rng.uniform(-0.4, -0.25), centre_v + 0.2, rng.uniform(0.2, 0.35))
+    semi = np.array([0.2, 0.17, 0.22]) * rng.uniform(0.8, 1.2)
+    r = _radius((u, v, w), centre, semi) * (1 + 0.08 * smooth(30))
+    tissue[cavity & ~lungs & (r < 1)] = BOWEL_WALL
+    contents = cavity & ~lungs & (r < 0.85)
+    tissue[contents] = STOMACH
+    tissue[contents & (v > centre[1] + 0.5 * semi[1])] = GAS
+
+    # Kidneys beside the spine, the right one lower.
+    for side, height in ((1, rng.uniform(-0.45, -0.3)), (-1, rng.uniform(-0.35, -0.2))):
+        r = _radius((u, v, w), (side * 0.34, spine_v + 0.12, height), (0.11, 0.09, 0.33))
+        kidney = cavity & (r < 1)
+        tissue[kidney] = KIDNEY_CORTEX
+        tissue[kidney & (r < 0.6)] = KIDNEY_MEDULLA
+
+    # Spleen, posterior left: an intensity close to the liver's.
+    r = _radius((u, v, w), (-0.55, spine_v + 0.3, rng.uniform(0.2, 0.4)), (0.14, 0.22, 0.3)) * (
+        1 + 0.1 * smooth(25)
+    )
+    tissue[cavity & ~lungs & (r < 1)] = SPLEEN
+
+    # Liver, right upper quadrant: the left lobe reaches across the midline anteriorly and the liver
+    # thins towards its inferior tip; a smooth field makes the outline irregular.
+    centre = (rng.uniform(0.3, 0.4), centre_v + rng.uniform(0.03, 0.12), rng.uniform(0.0, 0.15))
+    semi = np.array([0.45, 0.5, 0.7]) * rng.uniform(0.9, 1.1, size=3)
+    across = 1 + 0.5 * np.clip((v - centre[1]) / semi[1], 0, 1)
+    thin = 1 - 0.4 * np.clip((centre[2] - w) / semi[2], 0, 1)
+    r = np.sqrt(
+        ((u - centre[0]) / (semi[0] * across * thin)) ** 2
+        + ((v - centre[1]) / (semi[1] * thin)) ** 2
+        + ((w - centre[2]) / semi[2]) ** 2
+    ) + 0.12 * smooth(25)
+    liver = cavity & ~lungs & (r < 1)
+    tissue[liver] = LIVER
+    tissue[liver & (smooth(12) ** 2 + smooth(12) ** 2 < 0.06)] = HEPATIC_VEIN
+    tissue[liver & (smooth(12) ** 2 + smooth(12) ** 2 < 0.06)] = PORTAL_VEIN
+    if rng.random() < 0.7:
+        gall_centre = (centre[0] - 0.35 * semi[0], centre[1] + 0.5 * semi[1], centre[2] - 0.45 * semi[2])
+        tissue[cavity & (_radius((u, v, w), gall_centre, (0.07, 0.09, 0.15)) < 1)] = GALLBLADDER
+
+    # Great vessels and the spine, in front of everything else.
+    tissue[cavity & (_radius((u, v), (-0.07, spine_v + 0.18), (0.045, 0.045)) < 1)] = AORTA
+    tissue[cavity & (_radius((u, v), (0.13, spine_v + 0.2), (0.055, 0.045)) < 1)] = IVC
+    for side in (1, -1):
+        tissue[body & (_radius((u, v), (side * 0.14, spine_v - 0.17), (0.11, 0.09)) < 1)] = MUSCLE
+    r = _radius((u, v), (0.0, spine_v), (0.12, 0.10))
+    tissue[body & (r < 1)] = CORTEX
+    tissue[body & (r < 0.8)] = BONE
+    r = _radius((u, v), (0.0, spine_v - 0.15), (0.075, 0.075))
+    tissue[body & (r < 1)] = CORTEX
+    tissue[body & (r < 0.6)] = SPINAL_CANAL
+
+    label = np.isin(tissue, LIVER_TISSUES).astype(np.uint8)
+    anatomy = _Anatomy(tissue=tissue, label=label)
+    _add_tumors(anatomy, cfg, spacing, rng)
+    return anatomy
+
+
+def _add_tumors(anatomy: _Anatomy, cfg: PhantomConfig, spacing: np.ndarray, rng: np.random.Generator) -> None:
+    """Paint lobulated tumors into the liver; each is clipped to the liver, so label 2 ⊂ liver."""
+    liver = anatomy.label == 1
+    if not liver.any():
+        return
+    depth = ndimage.distance_transform_edt(liver, sampling=spacing)
+    shape = np.array(liver.shape)
+    count = int(rng.integers(cfg.n_tumors[0], cfg.n_tumors[1] + 1))
+    for k in range(count):
+        radius = rng.uniform(*cfg.tumor_radius_mm)
+        # Centres at least half a radius deep, so most of a tumor lies in the liver.
+        candidates = np.flatnonzero(depth >= 0.5 * radius)
+        if candidates.size == 0:
+            candidates = np.flatnonzero(liver)
+        centre = np.array(np.unravel_index(rng.choice(candidates), liver.shape))
+        semi = radius * rng.uniform(0.8, 1.2, size=3)
+        half = np.ceil(1.4 * semi.max() / spacing).astype(int)
+        lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+        grids = [
+            ((np.arange(a, b) - c) * s).reshape([-1 if i == axis else 1 for i in range(3)])
+            for axis, (a, b, c, s) in enumerate(zip(lo, hi, centre, spacing, strict=True))
+        ]
+        r = _radius(grids, (0, 0, 0), semi) + 0.15 * _smooth_field(
+            hi - lo, spacing, max(radius / 2, 2.0), rng
+        )
+        inside = (r < 1) & liver[box]
+        inside[tuple(centre - lo)] = True
+        tumor = _Tumor(
+            index=k,
+            hyper=bool(rng.random() < cfg.hyper_fraction),
+            necrotic=bool(radius > 10 and rng.random() < cfg.necrosis_fraction),
+            capsule=False,
+        )
+        tumor.capsule = bool(not tumor.hyper and rng.random() < cfg.capsule_fraction)
+        codes = np.where(inside, TUMOR + 3 * k, anatomy.tissue[box])
+        if tumor.necrotic:
+            codes[inside & (r < 0.45)] = TUMOR + 3 * k + 1
+        if tumor.capsule:
+            codes[inside & (r > 0.85)] = TUMOR + 3 * k + 2
+        anatomy.tissue[box] = codes
+        anatomy.label[box][inside] = 2
+        anatomy.tumors.append(tumor)
+
+
+def _render(
+    anatomy: _Anatomy, cfg: PhantomConfig, spacing: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """Intensities (float32, HU or a.u.) from the tissue map: means, texture, blur, bias, noise."""
+    table = CT_TISSUES if cfg.modality == CT else MRI_TISSUES
+    mean = np.zeros(256, dtype=np.float32)
+    texture = np.zeros(256, dtype=np.float32)
+    for code, (lo, hi, amplitude) in table.items():
+        mean[code], texture[code] = rng.uniform(lo, hi), amplitude
+    liver = rng.uniform(*cfg.liver)
+    mean[LIVER], texture[LIVER] = liver, LIVER_TEXTURE[cfg.modality]
+    for tumor in anatomy.tumors:
+        drawn = rng.uniform(*(cfg.hyper_tumor if tumor.hyper else cfg.hypo_tumor))
+        code = TUMOR + 3 * tumor.index
+        mean[code] = liver + cfg.contrast * (drawn - liver)
+        mean[code + 1] = liver + cfg.contrast * (rng.uniform(*NECROSIS[cfg.modality]) - liver)
+        capsule = CAPSULE[cfg.modality]
+        mean[code + 2] = liver + cfg.contrast * (rng.uniform(*capsule) - liver) if capsule else mean[code]
+        texture[code : code + 3] = TUMOR_TEXTURE[cfg.modality]
+
+    shape = anatomy.tissue.shape
+    image = mean[anatomy.tissue] + texture[anatomy.tissue] * _smooth_field(shape, spacing, 6.0, rng)
+    image = ndimage.gaussian_filter(image, sigma=cfg.psf_mm / spacing)
+    if cfg.modality == MRI:
+        image *= rng.uniform(*cfg.gain) * np.exp(cfg.bias_field * _smooth_field(shape, spacing, 80.0, rng))
+    sigma = rng.uniform(*cfg.noise)
+    if cfg.modality == MRI:
+        # Magnitude images carry Rician noise: the modulus of complex Gaussian noise.
+        real = image + rng.normal(0, sigma, shape).astype(np.float32)
+        image = np.sqrt(real**2 + rng.normal(0, sigma, shape).astype(np.float32) ** 2)
+    else:
+        image += rng.normal(0, sigma, shape).astype(np.float32)
+    return image
+
+
+def _rotation(axis: np.ndarray, angle: float) -> np.ndarray:
+    axis = axis / np.linalg.norm(axis)
+    cross = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle) * cross + (1 - np.cos(angle)) * cross @ cross
+
+
+def make_case(cfg: PhantomConfig, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draw one subject.
+
+    Args:
+        cfg: The cohort's settings.
+        rng: The subject's random generator (one per subject makes subjects independent of each other
+            and of the cohort size).
+
+    Returns:
+        ``(image, label, affine)``: the image as stored (int16, HU for CT), the label map (uint8,
+        0 background, 1 liver, 2 tumor) on the same grid, both in ``cfg.orientation`` axis order,
+        and the 4×4 voxel-to-world (RAS, mm) matrix.
+    """
+    import nibabel.orientations as orient
+
+    spacing = np.asarray(cfg.spacing, dtype=float) * (
+        1 + rng.uniform(-cfg.spacing_jitter, cfg.spacing_jitter, 3)
+    )
+    anatomy = _anatomy(cfg, spacing, rng)
+    image = _render(anatomy, cfg, spacing, rng)
+    lo, hi = STORED_RANGE[cfg.modality]
+    image = np.clip(np.rint(image), lo, hi).astype(np.int16)
+
+    shape = np.array(cfg.shape)
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag(spacing)
+    affine[:3, 3] = -(shape - 1) / 2 * spacing + rng.uniform(-20, 20, 3)
+    if cfg.obliquity_deg > 0:
+        rotation = _rotation(rng.standard_normal(3), np.deg2rad(rng.uniform(0, cfg.obliquity_deg)))
+        affine[:3] = rotation @ affine[:3]
+    transform = orient.ornt_transform(
+        orient.axcodes2ornt(("R", "A", "S")), orient.axcodes2ornt(tuple(cfg.orientation))
+    )
+    stored_affine = affine @ orient.inv_ornt_aff(transform, image.shape)
+    image = np.ascontiguousarray(orient.apply_orientation(image, transform))
+    label = np.ascontiguousarray(orient.apply_orientation(anatomy.label, transform))
+    return image, label, stored_affine
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    nib.save(img, str(path))
+
+
+def _write_cohort(kind: str, folder: Path, n: int, cfg: PhantomConfig, seed: int, stream: int, bar) -> None:
+    """Write one cohort into ``folder`` (a fresh temporary folder) in the LiTS or ATLAS layout."""
+    if kind == "atlas":
+        (folder / "imagesTr").mkdir()
+        (folder / "labelsTr").mkdir()
+    for index in range(n):
+        image, label, affine = make_case(cfg, np.random.default_rng([seed, stream, index]))
+        if kind == "lits":
+            _save_nifti(image, affine, folder / f"volume-{index}.nii")
+            _save_nifti(label, affine, folder / f"segmentation-{index}.nii")
+        else:
+            _save_nifti(image, affine, folder / "imagesTr" / f"im{index}.nii.gz")
+            _save_nifti(label, affine, folder / "labelsTr" / f"lb{index}.nii.gz")
+        bar.update(1)
+    if kind == "atlas":
+        dataset = {
+            "name": "ATLAS phantom",
+            "description": "synthetic contrast-enhanced T1 MRI written by aqcf synth",
+            "channel_names": {"0": "T1"},
+            "labels": {"background": 0, "liver": 1, "tumor": 2},
+            "numTraining": n,
+            "file_ending": ".nii.gz",
+            "training": [
+                {"image": f"./imagesTr/im{i}.nii.gz", "label": f"./labelsTr/lb{i}.nii.gz"} for i in range(n)
+            ],
+        }
+        (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+
+
+def synthesize(
+    out: str | Path,
+    n_ct: int = 10,
+    n_mri: int = 10,
+    ct: PhantomConfig | None = None,
+    mri: PhantomConfig | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Write a CT cohort in the LiTS layout and an MRI cohort in the ATLAS layout.
+
+    Args:
+        out: Output folder; receives ``LiTS/`` (``volume-N.nii``, ``segmentation-N.nii``),
+            ``ATLAS/`` (``imagesTr/imN.nii.gz``, ``labelsTr/lbN.nii.gz``, ``dataset.json``) and
+            ``synth.json`` (the settings).
+        n_ct, n_mri: Number of subjects per cohort (independent subjects: no shared anatomy).
+        ct, mri: Phantom settings (default :func:`ct_config`, :func:`mri_config`).
+        seed: Seed; subject ``i`` of a cohort depends only on ``(seed, cohort, i)``.
+        overwrite: Replace ``LiTS/`` and ``ATLAS/`` in an existing, non-empty ``out``.
+        progress: Show a progress bar over cases.
+
+    Returns:
+        ``{"ct": out/LiTS, "mri": out/ATLAS}``.
+
+    Raises:
+        AqcfError: ``out`` exists, is not empty and ``overwrite`` is false; or a count is negative.
+    """
+    from tqdm.auto import tqdm
+
+    ct = ct or ct_config()
+    mri = mri or mri_config()
+    if ct.modality != CT or mri.modality != MRI:
+        raise AqcfError("synthesize: ct= needs a CT PhantomConfig and mri= an MRI one")
+    if n_ct < 0 or n_mri < 0:
+        raise AqcfError(f"synthesize: case counts must not be negative (got {n_ct}, {n_mri})")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AqcfError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise AqcfError(f"{out}: exists and is not empty; pass --overwrite to replace its LiTS/ and ATLAS/")
+    out.mkdir(parents=True, exist_ok=True)
+
+    targets = {CT: out / "LiTS", MRI: out / "ATLAS"}
+    plan = ((CT, "lits", n_ct, ct, 0), (MRI, "atlas", n_mri, mri, 1))
+    with tqdm(total=n_ct + n_mri, desc="synth", unit="case", disable=not progress) as bar:
+        for modality, kind, n, cfg, stream in plan:
+            # Each cohort is written into a hidden sibling and renamed into place when complete, so a
+            # killed run never leaves a half-written cohort behind.
+            partial = Path(tempfile.mkdtemp(prefix=f".{targets[modality].name}.partial-", dir=out))
+            try:
+                _write_cohort(kind, partial, n, cfg, seed, stream, bar)
+                if targets[modality].exists():
+                    shutil.rmtree(targets[modality])
+                os.replace(partial, targets[modality])
+            finally:
+                if partial.exists():
+                    shutil.rmtree(partial)
+    settings = {
+        "seed": seed,
+        "n_ct": n_ct,
+        "n_mri": n_mri,
+        "ct": dataclasses.asdict(ct),
+        "mri": dataclasses.asdict(mri),
+    }
+    tmp = out / ".synth.json.tmp"
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, out / "synth.json")
+    return targets
+
+
+def _parser() -> argparse.ArgumentParser:
+    ct, mri = ct_config(), mri_config()
+    p = argparse.ArgumentParser(
+        prog="aqcf synth",
+        description="Write phantom cohorts: CT in the LiTS layout (OUT/LiTS) and MRI in the ATLAS layout "
+        "(OUT/ATLAS). Defaults are the realistic calibration; the flags set the difficulty.",
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n-ct", type=int, default=10, help="number of CT subjects (default 10)")
+    p.add_argument("--n-mri", type=int, default=10, help="number of MRI subjects (default 10)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        default=list(ct.shape),
+        help=f"voxels along R, A, S (default {ct.shape})",
+    )
+    p.add_argument(
+        "--mri-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="MRI voxels (default --shape)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace OUT/LiTS and OUT/ATLAS if OUT is not empty"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for prefix, cfg in (("ct", ct), ("mri", mri)):
+        unit = "HU" if prefix == "ct" else "a.u."
+        p.add_argument(
+            f"--{prefix}-spacing",
+            type=float,
+            nargs=3,
+            metavar=("SX", "SY", "SZ"),
+            default=list(cfg.spacing),
+            help=f"voxel size in mm (default {cfg.spacing})",
+        )
+        p.add_argument(
+            f"--{prefix}-orientation",
+            default=cfg.orientation,
+            help=f"stored axis codes (default {cfg.orientation})",
+        )
+        p.add_argument(
+            f"--{prefix}-tumors",
+            type=int,
+            nargs=2,
+            metavar=("MIN", "MAX"),
+            default=list(cfg.n_tumors),
+            help=f"tumors per case (default {cfg.n_tumors})",
+        )
+        p.add_argument(
+            f"--{prefix}-tumor-radius",
+            type=float,
+            nargs=2,
+            metavar=("MIN", "MAX"),
+            default=list(cfg.tumor_radius_mm),
+            help=f"tumor radius in mm (default {cfg.tumor_radius_mm})",
+        )
+        p.add_argument(
+            f"--{prefix}-contrast",
+            type=float,
+            default=cfg.contrast,
+            help="scale of the tumor-liver intensity difference (default 1; larger is easier)",
+        )
+        p.add_argument(
+            f"--{prefix}-noise",
+            type=float,
+            nargs=2,
+            metavar=("MIN", "MAX"),
+            default=list(cfg.noise),
+            help=f"noise standard deviation in {unit} (default {cfg.noise})",
+        )
+        p.add_argument(
+            f"--{prefix}-obliquity",
+            type=float,
+            default=cfg.obliquity_deg,
+            help="largest grid rotation in degrees (default 0)",
+        )
+    p.add_argument(
+        "--mri-bias",
+        type=float,
+        default=mri.bias_field,
+        help=f"std of the log bias field (default {mri.bias_field})",
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aqcf synth``: write phantom cohorts; returns the exit code."""
+    args = _parser().parse_args(argv)
+    configs = {}
+    for prefix, make in (("ct", ct_config), ("mri", mri_config)):
+        flags = {
+            name: getattr(args, f"{prefix}_{name}")
+            for name in ("spacing", "orientation", "tumors", "tumor_radius", "contrast", "noise", "obliquity")
+        }
+        shape = args.mri_shape if (prefix == "mri" and args.mri_shape) else args.shape
+        extra = {"bias_field": args.mri_bias} if prefix == "mri" else {}
+        configs[prefix] = make(
+            shape=tuple(shape),
+            spacing=tuple(flags["spacing"]),
+            orientation=flags["orientation"],
+            n_tumors=tuple(flags["tumors"]),
+            tumor_radius_mm=tuple(flags["tumor_radius"]),
+            contrast=flags["contrast"],
+            noise=tuple(flags["noise"]),
+            obliquity_deg=flags["obliquity"],
+            **extra,
+        )
+    targets = synthesize(
+        args.out,
+        n_ct=args.n_ct,
+        n_mri=args.n_mri,
+        ct=configs["ct"],
+        mri=configs["mri"],
+        seed=args.seed,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    print(f"wrote {args.n_ct} CT cases to {targets[CT]} and {args.n_mri} MRI cases to {targets[MRI]}")
+    return 0

@@ -1,0 +1,603 @@
+"""Modality-specific preprocessing (paper §3.1.2), its inverse, and the per-cohort cache.
+
+One scan goes through, in this order (TorchIO transforms):
+
+1. ``ToOrientation``: CT to RAS, MRI to LAS (axis permutation and flips only, nothing resampled).
+2. Foreground crop, computed from the image alone so that unlabeled scans at inference are cropped by
+   the same rule: voxels above the window floor (the voxels the window does not send to 0) form the
+   body mask; along each axis the crop keeps the slices holding at least ``foreground_min_fraction``
+   of body voxels, which ignores isolated noise specks. Cropping before resampling gives the same
+   region as after and touches fewer voxels. During cohort preprocessing the box is widened to
+   contain every labelled voxel (the manifest records when that happened).
+3. ``Resample`` to ``spacing`` (default 1×1×1 mm): linear for the image, nearest neighbour for the
+   label.
+4. ``Clamp`` to the window and ``RescaleIntensity`` to [0, 1]: CT [-16, 176] HU, MRI [74, 511].
+5. ``EnsureShapeMultiple``: zero-pad (symmetrically) every axis to a multiple of ``pad_multiple`` (16,
+   for the network's four halvings).
+
+:func:`preprocess_image` does this for one unlabeled scan and returns a record of the geometry;
+:func:`restore_to_original` maps a label map on the preprocessed grid back onto the original image's
+voxel grid (nearest neighbour), which is how ``aqcf segment`` writes its masks.
+
+:func:`preprocess_cohort` runs the pipeline once per cohort and settings into
+``cache_dir/<name>-<key>/`` with a ``manifest.json`` written last; ``key`` hashes the settings, the
+pipeline version and the case list (paths, sizes, modification times), so a change of any of them
+makes a new cache and never reuses a stale one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from aqcf.constants import CT, MRI, check_modality
+from aqcf.data.cohorts import (
+    AFFINE_TOLERANCE_MM,
+    Case,
+    check_label_values,
+    check_same_grid,
+    read_cohort,
+    validate_case,
+)
+from aqcf.errors import AqcfError
+
+__all__ = [
+    "PIPELINE_VERSION",
+    "PreprocessSettings",
+    "Manifest",
+    "foreground_box",
+    "preprocess_image",
+    "preprocess_case",
+    "restore_to_original",
+    "preprocess_cohort",
+    "cohort_key",
+    "main",
+]
+
+PIPELINE_VERSION = 1
+"""Bumped whenever the pipeline's output changes for the same settings, so old caches are not reused."""
+
+MANIFEST = "manifest.json"
+DEFAULT_WINDOWS = {CT: (-16.0, 176.0), MRI: (74.0, 511.0)}
+DEFAULT_ORIENTATIONS = {CT: "RAS", MRI: "LAS"}
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Preprocessing of one modality.
+
+    Attributes:
+        modality: ``"ct"`` or ``"mri"``.
+        orientation: Target axis codes (nibabel ``aff2axcodes``): the paper uses RAS for CT, LAS for MRI.
+        window: ``(low, high)`` intensities mapped linearly to [0, 1] and clipped (HU for CT).
+        spacing: Target voxel size in mm.
+        pad_multiple: Every spatial size is zero-padded up to a multiple of this.
+        foreground_threshold: Intensity above which a voxel is body, in the scan's units; ``None``
+            means the window's low end.
+        foreground_min_fraction: A slice (along any axis) is kept by the crop when at least this
+            fraction of its voxels is body.
+    """
+
+    modality: str
+    orientation: str
+    window: tuple[float, float]
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    pad_multiple: int = 16
+    foreground_threshold: float | None = None
+    foreground_min_fraction: float = 1e-3
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modality", check_modality(self.modality))
+        object.__setattr__(self, "orientation", str(self.orientation).upper())
+        object.__setattr__(self, "window", tuple(float(x) for x in self.window))
+        object.__setattr__(self, "spacing", tuple(float(x) for x in self.spacing))
+        codes = self.orientation
+        if len(codes) != 3 or not all(sum(c in codes for c in pair) == 1 for pair in ("LR", "AP", "IS")):
+            raise AqcfError(
+                f"orientation {self.orientation!r}: need three codes, one of R/L, A/P and I/S each"
+            )
+        if len(self.window) != 2 or not self.window[0] < self.window[1]:
+            raise AqcfError(f"window {self.window}: need (low, high) with low < high")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise AqcfError(f"spacing {self.spacing}: need three positive sizes in mm")
+        if int(self.pad_multiple) < 1:
+            raise AqcfError(f"pad multiple {self.pad_multiple}: need a positive integer")
+        if not 0 <= self.foreground_min_fraction < 1:
+            raise AqcfError(
+                f"foreground minimum fraction {self.foreground_min_fraction}: need a value in [0, 1)"
+            )
+
+    @classmethod
+    def default(cls, modality: str, **overrides) -> PreprocessSettings:
+        """The paper's settings for ``modality`` (CT: RAS, [-16, 176] HU; MRI: LAS, [74, 511])."""
+        modality = check_modality(modality)
+        values = {
+            "modality": modality,
+            "orientation": DEFAULT_ORIENTATIONS[modality],
+            "window": DEFAULT_WINDOWS[modality],
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @property
+    def threshold(self) -> float:
+        """The body threshold actually used (the window floor unless set)."""
+        return self.window[0] if self.foreground_threshold is None else float(self.foreground_threshold)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able values."""
+        return dataclasses.asdict(self) | {"window": list(self.window), "spacing": list(self.spacing)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PreprocessSettings:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**values)
+
+    def hash(self) -> str:
+        """Twelve hex digits identifying these settings and the pipeline version."""
+        text = json.dumps({"version": PIPELINE_VERSION, **self.to_dict()}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def foreground_box(body: np.ndarray, min_fraction: float = 1e-3) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Bounding box of a body mask, ignoring slices with too few body voxels.
+
+    Args:
+        body: Boolean mask (X, Y, Z).
+        min_fraction: Along each axis, keep the slices whose body fraction is at least this.
+
+    Returns:
+        ``(start, stop)`` voxel indices per axis (stop exclusive); empty (``start == stop``) when no
+        slice qualifies.
+    """
+    start, stop = [], []
+    for axis in range(body.ndim):
+        others = tuple(a for a in range(body.ndim) if a != axis)
+        counts = body.sum(axis=others)
+        plane = body.size // body.shape[axis]
+        keep = np.flatnonzero(counts >= max(1.0, min_fraction * plane))
+        start.append(int(keep[0]) if keep.size else 0)
+        stop.append(int(keep[-1]) + 1 if keep.size else 0)
+    return tuple(start), tuple(stop)
+
+
+def _load(path: Path, kind: str):
+    import torchio as tio
+
+    image = (tio.ScalarImage if kind == "image" else tio.LabelMap)(path)
+    try:
+        image.load()
+    except Exception as err:  # ITK and nibabel raise many types for a bad file
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AqcfError(f"{path}: unreadable {kind} ({message})") from err
+    if image.shape[0] != 1:
+        raise AqcfError(f"{path}: {image.shape[0]} channels; expected a single-channel 3D volume")
+    return image
+
+
+def _run(
+    image_path: Path,
+    label_path: Path | None,
+    settings: PreprocessSettings,
+    tolerance_mm: float = AFFINE_TOLERANCE_MM,
+):
+    """The pipeline on one scan (and its label). Returns ``(subject, record)``."""
+    import nibabel as nib
+    import torch
+    import torchio as tio
+
+    image = _load(image_path, "image")
+    subject = tio.Subject(image=image)
+    record = {
+        "original_shape": [int(n) for n in image.spatial_shape],
+        "original_affine": np.asarray(image.affine).tolist(),
+        "original_spacing": [float(s) for s in image.spacing],
+        "original_orientation": "".join(nib.aff2axcodes(image.affine)),
+    }
+    has_label = label_path is not None
+    if has_label:
+        label = _load(label_path, "label")
+        check_same_grid(
+            image_path,
+            (image.spatial_shape, image.affine),
+            label_path,
+            (label.spatial_shape, label.affine),
+            tolerance_mm,
+        )
+        values = check_label_values(label_path, label.data)
+        record["has_tumor"] = bool(2 in values)
+        subject.add_image(label, "label")
+        # Within tolerance the grids are equal; copying removes rounding differences TorchIO rejects.
+        subject = tio.CopyAffine("image")(subject)
+
+    subject = tio.ToOrientation(settings.orientation)(subject)
+    body = subject["image"].data[0].numpy() > settings.threshold
+    start, stop = foreground_box(body, settings.foreground_min_fraction)
+    if not all(b > a for a, b in zip(start, stop, strict=True)):
+        raise AqcfError(
+            f"{image_path}: no voxel above {settings.threshold:g} (the body threshold); is this a "
+            f"{settings.modality.upper()} scan, and is the window {settings.window} right?"
+        )
+    record["crop_extended_for_label"] = False
+    if has_label:
+        labelled = np.argwhere(subject["label"].data[0].numpy() > 0)
+        if labelled.size:
+            wider_start = np.minimum(start, labelled.min(axis=0))
+            wider_stop = np.maximum(stop, labelled.max(axis=0) + 1)
+            record["crop_extended_for_label"] = bool((wider_start < start).any() or (wider_stop > stop).any())
+            start, stop = tuple(int(x) for x in wider_start), tuple(int(x) for x in wider_stop)
+    shape = subject.spatial_shape
+    record["reoriented_shape"] = [int(n) for n in shape]
+    record["crop_start"], record["crop_stop"] = list(start), list(stop)
+    cropping = [n for a, b, s in zip(start, stop, shape, strict=True) for n in (a, s - b)]
+    subject = tio.Crop(cropping)(subject)
+    # Resampling int16 with linear interpolation in ITK would round to integers: use float32.
+    subject["image"].set_data(subject["image"].data.to(torch.float32))
+
+    low, high = settings.window
+    transform = tio.Compose(
+        [
+            tio.Resample(settings.spacing),
+            tio.Clamp(out_min=low, out_max=high),
+            tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high)),
+            tio.EnsureShapeMultiple(int(settings.pad_multiple), method="pad"),
+        ]
+    )
+    subject = transform(subject)
+    record["preprocessed_shape"] = [int(n) for n in subject.spatial_shape]
+    record["preprocessed_affine"] = np.asarray(subject["image"].affine).tolist()
+    record["preprocessed_spacing"] = list(settings.spacing)
+    record["preprocessed_orientation"] = "".join(nib.aff2axcodes(subject["image"].affine))
+    return subject, record
+
+
+def preprocess_image(image_path: str | Path, settings: PreprocessSettings):
+    """Preprocess one scan without a label (inference).
+
+    Args:
+        image_path: The scan (NIfTI, or anything TorchIO reads).
+        settings: The modality's settings (those the model was trained with).
+
+    Returns:
+        ``(tensor, record)``: the image as a float32 tensor (1, X, Y, Z) in [0, 1] on the
+        preprocessed grid, and a JSON-able dict describing both grids (``original_shape``,
+        ``original_affine``, ``preprocessed_shape``, ``preprocessed_affine``, crop box, ...) that
+        :func:`restore_to_original` needs.
+
+    Raises:
+        AqcfError: The file cannot be read, is not single-channel 3D, or has no voxel above the body
+            threshold.
+    """
+    subject, record = _run(Path(image_path), None, settings)
+    return subject["image"].data.float(), record
+
+
+def restore_to_original(label_array, record: dict) -> np.ndarray:
+    """Map a label map from the preprocessed grid back to the original scan's voxel grid.
+
+    Args:
+        label_array: Integer labels (X, Y, Z) on the preprocessed grid (numpy array or tensor).
+        record: The record :func:`preprocess_image` (or the cache manifest) gave for this scan.
+
+    Returns:
+        uint8 labels with the original image's exact shape, in its stored axis order; voxels outside
+        the preprocessed field of view (cropped away) are 0. Sampling is nearest neighbour in world
+        coordinates, so it undoes reorientation, crop, resampling and padding at once.
+    """
+    import torch
+    import torchio as tio
+
+    labels = torch.as_tensor(np.asarray(label_array)).to(torch.int16)
+    expected = tuple(record["preprocessed_shape"])
+    if tuple(labels.shape) != expected:
+        raise AqcfError(
+            f"label map of shape {tuple(labels.shape)} does not match the preprocessed shape {expected}"
+        )
+    label_map = tio.LabelMap(
+        tensor=labels[None], affine=np.asarray(record["preprocessed_affine"], dtype=float)
+    )
+    target = (
+        tuple(int(n) for n in record["original_shape"]),
+        np.asarray(record["original_affine"], dtype=float),
+    )
+    restored = tio.Resample(target, label_interpolation="nearest")(label_map)
+    return restored.data[0].numpy().astype(np.uint8)
+
+
+def _atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    import nibabel as nib
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii", dir=path.parent)
+    os.close(fd)
+    try:
+        img = nib.Nifti1Image(array, affine)
+        img.set_qform(affine, code=1)
+        img.set_sform(affine, code=1)
+        img.header.set_xyzt_units("mm")
+        nib.save(img, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_write_json(data, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def preprocess_case(case: Case, settings: PreprocessSettings, folder: str | Path) -> dict:
+    """Validate and preprocess one case into a cache folder.
+
+    Writes ``images/<id>.nii`` (float32), ``labels/<id>.nii`` (uint8) and last ``records/<id>.json``
+    (the manifest entry), each atomically, so a record exists only for a complete case.
+
+    Returns:
+        The manifest entry: ``id``, ``modality``, ``source_image``, ``source_label``, ``image`` and
+        ``label`` (paths relative to ``folder``), ``has_tumor``, ``voxel_counts`` (background,
+        liver, tumor on the preprocessed grid) and the geometry of :func:`preprocess_image`.
+    """
+    folder = Path(folder)
+    start = time.perf_counter()
+    # Headers first (cheap, clear messages); label values are checked on the voxels loaded below.
+    validate_case(case, check_values=False)
+    subject, record = _run(Path(case.image), None if case.label is None else Path(case.label), settings)
+    affine = np.asarray(subject["image"].affine)
+    entry = {
+        "id": case.id,
+        "modality": case.modality,
+        "source_image": str(case.image),
+        "source_label": None if case.label is None else str(case.label),
+        "image": f"images/{case.id}.nii",
+        "label": None if case.label is None else f"labels/{case.id}.nii",
+        "has_tumor": record.pop("has_tumor", None),
+    }
+    _atomic_save_nifti(subject["image"].data[0].numpy().astype(np.float32), affine, folder / entry["image"])
+    if case.label is not None:
+        label = subject["label"].data[0].numpy().astype(np.uint8)
+        entry["voxel_counts"] = np.bincount(label.ravel(), minlength=3)[:3].tolist()
+        _atomic_save_nifti(label, affine, folder / entry["label"])
+    entry.update(record)
+    entry["seconds"] = round(time.perf_counter() - start, 3)
+    _atomic_write_json(entry, folder / "records" / f"{case.id}.json")
+    return entry
+
+
+def _fingerprint(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def cohort_key(cases: Sequence[Case], settings: PreprocessSettings) -> str:
+    """Twelve hex digits identifying the settings, the pipeline version and the exact input files.
+
+    The case list enters with each file's absolute path, size and modification time, so replacing or
+    editing a file also gives a new key.
+    """
+    files = [
+        [
+            c.id,
+            c.modality,
+            _fingerprint(Path(c.image)),
+            None if c.label is None else _fingerprint(Path(c.label)),
+        ]
+        for c in cases
+    ]
+    text = json.dumps({"settings": settings.hash(), "cases": files}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Manifest:
+    """A complete cohort cache.
+
+    Attributes:
+        folder: ``cache_dir/<name>-<key>``.
+        key: The cohort key (:func:`cohort_key`).
+        settings: The preprocessing settings.
+        entries: One dict per case (see :func:`preprocess_case`) with ``image`` and ``label`` turned
+            into absolute paths.
+    """
+
+    folder: Path
+    key: str
+    settings: PreprocessSettings
+    entries: list[dict]
+
+    @property
+    def ids(self) -> list[str]:
+        return [e["id"] for e in self.entries]
+
+    @property
+    def has_tumor(self) -> list[bool]:
+        return [bool(e["has_tumor"]) for e in self.entries]
+
+    def by_id(self) -> dict[str, dict]:
+        return {e["id"]: e for e in self.entries}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Manifest:
+        """Read ``folder/manifest.json``.
+
+        Raises:
+            AqcfError: The manifest is missing or unreadable, or a file it lists is missing.
+        """
+        folder = Path(folder)
+        path = folder / MANIFEST
+        try:
+            data = json.loads(path.read_text())
+            settings = PreprocessSettings.from_dict(data["settings"])
+            entries = data["cases"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise AqcfError(f"{path}: not a readable cache manifest ({err})") from err
+        for entry in entries:
+            for key in ("image", "label"):
+                if entry.get(key) is not None:
+                    entry[key] = str(folder / entry[key])
+                    if not Path(entry[key]).is_file():
+                        raise AqcfError(
+                            f"{entry[key]}: listed in {path} but missing; delete {folder} to rebuild"
+                        )
+        return cls(folder=folder, key=data["key"], settings=settings, entries=entries)
+
+
+def preprocess_cohort(
+    cases: Sequence[Case],
+    settings: PreprocessSettings,
+    cache_dir: str | Path,
+    workers: int = 0,
+    name: str | None = None,
+    progress: bool = True,
+) -> Manifest:
+    """Preprocess a cohort once into ``cache_dir/<name>-<key>/`` and return its manifest.
+
+    A finished cache (``manifest.json`` present) is reused without touching its files. A cache left
+    incomplete by a killed run resumes: cases with a record are kept, the others are processed, and
+    the manifest is written last. Each case is validated (:func:`~aqcf.data.cohorts` checks) as it is
+    processed.
+
+    Args:
+        cases: The cohort (one modality).
+        settings: The modality's preprocessing settings.
+        cache_dir: Parent folder of the caches.
+        workers: Processes to use (0: this process).
+        name: Prefix of the cache folder (default: the modality).
+        progress: Show a progress bar over cases.
+
+    Returns:
+        The :class:`Manifest`, entries in the order of ``cases``.
+
+    Raises:
+        AqcfError: No case, duplicate ids, a case of another modality, or a bad case (the message
+            names its file).
+    """
+    from tqdm.auto import tqdm
+
+    cases = list(cases)
+    if not cases:
+        raise AqcfError(f"{cache_dir}: no case to preprocess")
+    ids = [c.id for c in cases]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise AqcfError(f"case id {duplicate!r} appears twice in the cohort")
+    for case in cases:
+        if case.modality != settings.modality:
+            raise AqcfError(
+                f"{case.image}: a {case.modality} case given to {settings.modality} preprocessing"
+            )
+
+    key = cohort_key(cases, settings)
+    folder = Path(cache_dir) / f"{name or settings.modality}-{key}"
+    if (folder / MANIFEST).is_file():
+        return Manifest.load(folder)
+
+    records: dict[str, dict] = {}
+    for case in cases:
+        path = folder / "records" / f"{case.id}.json"
+        if path.is_file():
+            try:
+                records[case.id] = json.loads(path.read_text())
+            except ValueError:
+                pass  # written atomically, so unreadable only if damaged later: redo the case
+    todo = [c for c in cases if c.id not in records]
+    with tqdm(
+        total=len(cases),
+        initial=len(cases) - len(todo),
+        desc=f"preprocess {folder.name}",
+        unit="case",
+        disable=not progress,
+    ) as bar:
+        if workers > 0 and len(todo) > 1:
+            # spawn, not fork: forking a process that has started torch/OpenMP threads can deadlock.
+            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                futures = [pool.submit(preprocess_case, case, settings, folder) for case in todo]
+                for future in as_completed(futures):
+                    entry = future.result()
+                    records[entry["id"]] = entry
+                    bar.update(1)
+        else:
+            for case in todo:
+                records[case.id] = preprocess_case(case, settings, folder)
+                bar.update(1)
+
+    manifest = {
+        "key": key,
+        "settings_hash": settings.hash(),
+        "pipeline_version": PIPELINE_VERSION,
+        "settings": settings.to_dict(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "cases": [records[c.id] for c in cases],
+    }
+    _atomic_write_json(manifest, folder / MANIFEST)
+    return Manifest.load(folder)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="aqcf preprocess",
+        description="Preprocess a cohort into a cache folder (reorient, crop to the body, resample, window, "
+        "pad). Reuses a finished cache with the same settings and files.",
+    )
+    p.add_argument("--data", required=True, help="cohort folder")
+    p.add_argument("--format", required=True, help="cohort layout: lits, atlas or nnunet")
+    p.add_argument("--modality", required=True, choices=[CT, MRI])
+    p.add_argument("--cache", required=True, help="cache folder (receives <name>-<key>/)")
+    p.add_argument("--name", help="cache folder prefix (default MODALITY-FORMAT)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: this process)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="mm (default 1 1 1)")
+    p.add_argument(
+        "--window",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="intensities mapped to [0, 1] (default CT -16 176, MRI 74 511)",
+    )
+    p.add_argument("--orientation", help="target axis codes (default CT RAS, MRI LAS)")
+    p.add_argument("--pad-multiple", type=int, help="pad sizes to a multiple of this (default 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aqcf preprocess``: returns the exit code."""
+    args = _parser().parse_args(argv)
+    settings = PreprocessSettings.default(
+        args.modality,
+        spacing=tuple(args.spacing) if args.spacing else None,
+        window=tuple(args.window) if args.window else None,
+        orientation=args.orientation,
+        pad_multiple=args.pad_multiple,
+    )
+    cases = read_cohort(args.data, args.format, args.modality)
+    manifest = preprocess_cohort(
+        cases,
+        settings,
+        args.cache,
+        workers=args.workers,
+        name=args.name or f"{settings.modality}-{args.format.lower()}",
+        progress=not args.no_progress,
+    )
+    with_tumor = sum(manifest.has_tumor)
+    count = len(manifest.entries)
+    print(f"{manifest.folder}: {count} cases ({with_tumor} with tumor), settings {settings.hash()}")
+    return 0
