@@ -1,0 +1,619 @@
+"""Readers of the external test cohorts: 3D-IRCADb-01 (CT, DICOM) and LiverHccSeg (multiphasic MRI).
+
+Both return :class:`aqcf.data.cohorts.Case` objects whose ``image`` and ``label`` are NIfTI files, so
+the rest of the pipeline (``aqcf segment``, ``aqcf evaluate --ref-format ircadb|liverhccseg``) treats
+them like any other cohort. Conversions run once per case into a cache folder (atomically, with a
+``.json`` record of the sources; a changed source or setting converts again).
+
+3D-IRCADb-01 layout (``3Dircadb1.N`` folders, possibly one level deeper)::
+
+    3Dircadb1.1/PATIENT_DICOM/image_0 ... image_K          (CT slices, DICOM without extension)
+    3Dircadb1.1/MASKS_DICOM/<structure>/image_0 ...         (one binary DICOM series per structure)
+    (or PATIENT_DICOM.zip / MASKS_DICOM.zip as distributed)
+
+Labels: ``liver`` -> 1; liver-tumor folders -> 2, overriding 1. Liver-tumor folders are those matching
+:data:`IRCADB_LIVER_TUMOR_PATTERN`: ``livertumor``, ``livertumors``, ``livertumor01`` ... ``livertumor07``,
+``livertumor1``, ``livertumor2``. Not liver tumor: ``tumor`` (patient 7: an adrenal lesion in the official
+table), ``leftsurretumor`` / ``rightsurretumor`` (adrenal), ``liverkyst`` (cysts) and every other
+structure. Slices are ordered by ImagePositionPatient projected on the slice normal (InstanceNumber if
+positions are missing), never by file name; the affine comes from ImagePositionPatient,
+ImageOrientationPatient, PixelSpacing and the slice step, converted from DICOM's LPS to NIfTI's RAS.
+
+LiverHccSeg: the release's file layout is not confirmed; :func:`read_liverhccseg` takes the phase, the
+rater and the file-name patterns as arguments (defaults in ``docs/evaluation.md``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from aqcf.constants import CT, MRI, check_modality
+from aqcf.data.cohorts import AFFINE_TOLERANCE_MM, Case, natural_key, register_reader
+from aqcf.errors import AqcfError
+
+__all__ = [
+    "IRCADB_LIVER_FOLDER",
+    "IRCADB_LIVER_TUMOR_PATTERN",
+    "default_cache_dir",
+    "find_ircadb_patients",
+    "is_ircadb_liver_tumor",
+    "convert_ircadb_patient",
+    "read_ircadb",
+    "dicom_series_to_volume",
+    "read_liverhccseg",
+]
+
+IRCADB_PATIENT_PATTERN = re.compile(r"^3Dircadb1\.(\d+)$", re.IGNORECASE)
+IRCADB_LIVER_FOLDER = "liver"
+IRCADB_LIVER_TUMOR_PATTERN = r"^livertumor(s|\d+)?$"
+IMAGES, LABELS = "imagesTs", "labelsTs"
+LIVER_LABEL, TUMOR_LABEL = 1, 2
+# bump when the conversion's output would change for the same sources
+CONVERTER_VERSION = 1
+# slice positions closer than this (mm) count as the same slice; spacing may vary by this much
+POSITION_TOLERANCE_MM = 1e-2
+SPACING_RELATIVE_TOLERANCE = 1e-2
+# DICOM patient coordinates are LPS, NIfTI's are RAS
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+SEARCH_DEPTH = 3
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# words that mark a LiverHccSeg file as a mask, never an image
+MASK_WORDS = ("liver", "tumo", "seg", "mask", "label")
+
+
+def default_cache_dir() -> Path:
+    """``$AQCF_CACHE`` or ``~/.cache/aqcf``: where converted external cohorts go unless told otherwise."""
+    return Path(os.environ.get("AQCF_CACHE", Path.home() / ".cache" / "aqcf")).expanduser()
+
+
+def _save_nifti_atomic(image: nib.Nifti1Image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def _write_json_atomic(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_signature(paths: Sequence[Path], root: Path) -> str:
+    """Hash of the names, sizes and modification times of ``paths``: changes when a source changes."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def _cache_is_current(record: Path, outputs: Sequence[Path], signature: dict) -> bool:
+    if not record.is_file() or not all(p.is_file() for p in outputs):
+        return False
+    try:
+        return json.loads(record.read_text()).get("signature") == signature
+    except (json.JSONDecodeError, OSError):
+        return False
+
+
+def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)  # scanner coordinates
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image
+
+
+# ------------------------------------------------------------------------------------------ DICOM
+
+
+def _dcmread(source: Path | bytes, name: str):
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        handle = io.BytesIO(source) if isinstance(source, bytes) else source
+        return pydicom.dcmread(handle, force=True)
+    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
+        raise AqcfError(f"{name}: cannot read as DICOM ({err})") from err
+
+
+def _slice_normal(datasets: Sequence, name: str) -> np.ndarray | None:
+    orientations = [getattr(ds, "ImageOrientationPatient", None) for ds in datasets]
+    if any(o is None for o in orientations):
+        return None
+    first = np.asarray(orientations[0], dtype=float)
+    for other in orientations[1:]:
+        if not np.allclose(np.asarray(other, dtype=float), first, atol=1e-4):
+            raise AqcfError(f"{name}: slices have different ImageOrientationPatient")
+    return np.cross(first[:3], first[3:])
+
+
+def _slice_positions(datasets: Sequence, name: str) -> tuple[np.ndarray, str]:
+    """One scalar per slice that orders the series and its kind: ``"position"`` (mm) or ``"instance"``."""
+    normal = _slice_normal(datasets, name)
+    positions = [getattr(ds, "ImagePositionPatient", None) for ds in datasets]
+    if normal is not None and all(p is not None for p in positions):
+        return np.array([float(np.dot(normal, np.asarray(p, dtype=float))) for p in positions]), "position"
+    if all(getattr(ds, "InstanceNumber", None) is not None for ds in datasets):
+        return np.array([float(ds.InstanceNumber) for ds in datasets]), "instance"
+    raise AqcfError(f"{name}: slices have neither ImagePositionPatient nor InstanceNumber to order them")
+
+
+def dicom_series_to_volume(
+    datasets: Sequence, name: str = "DICOM series", rescale: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Stack single-frame DICOM slices into a volume in NIfTI (RAS) world coordinates.
+
+    Args:
+        datasets: the slices (pydicom datasets), in any order.
+        name: how error messages name the series (its folder).
+        rescale: apply RescaleSlope / RescaleIntercept (CT: stored values -> HU).
+
+    Returns:
+        ``(volume, affine, order_keys, key_kind)``: volume (columns, rows, slices) = (X, Y, Z), HU
+        when rescaled; the 4×4 voxel-to-RAS affine in mm; the sorted ordering keys (mm along the
+        slice normal, or instance numbers) and which of the two they are.
+    """
+    from pydicom.pixels import apply_rescale
+
+    if not datasets:
+        raise AqcfError(f"{name}: no DICOM slices")
+    keys, kind = _slice_positions(datasets, name)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    if np.any(np.diff(keys) < (POSITION_TOLERANCE_MM if kind == "position" else 0.5)):
+        raise AqcfError(f"{name}: two slices share one position")
+    datasets = [datasets[i] for i in order]
+    slices = []
+    for ds in datasets:
+        try:
+            pixels = ds.pixel_array
+        except Exception as err:  # pydicom raises many types for missing or undecodable pixel data
+            raise AqcfError(f"{name}: cannot decode pixel data ({err})") from err
+        if slices and pixels.T.shape != slices[0].shape:
+            raise AqcfError(f"{name}: slices differ in size ({pixels.shape} vs {slices[0].T.shape})")
+        # pixel_array is (rows, columns); NIfTI's first axis runs along a row (the column index)
+        slices.append((apply_rescale(pixels, ds) if rescale else pixels).T)
+    volume = np.stack(slices, axis=-1)
+
+    first = datasets[0]
+    row_spacing, column_spacing = (float(v) for v in getattr(first, "PixelSpacing", (1.0, 1.0)))
+    orientation = np.asarray(getattr(first, "ImageOrientationPatient", (1, 0, 0, 0, 1, 0)), dtype=float)
+    row_cosine, column_cosine = orientation[:3], orientation[3:]
+    normal = np.cross(row_cosine, column_cosine)
+    origin = np.asarray(getattr(first, "ImagePositionPatient", (0.0, 0.0, 0.0)), dtype=float)
+    if kind == "position" and len(datasets) > 1:
+        steps = np.diff(keys)
+        if np.ptp(steps) > POSITION_TOLERANCE_MM + SPACING_RELATIVE_TOLERANCE * steps.mean():
+            raise AqcfError(
+                f"{name}: slice spacing is not uniform ({steps.min():.3f} to {steps.max():.3f} mm)"
+            )
+        last = np.asarray(datasets[-1].ImagePositionPatient, dtype=float)
+        step = (last - origin) / (len(datasets) - 1)
+    else:
+        thickness = getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", None)
+        step = normal * float(thickness or 1.0)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_cosine * column_spacing
+    affine_lps[:3, 1] = column_cosine * row_spacing
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = origin
+    return volume, LPS_TO_RAS @ affine_lps, keys, kind
+
+
+def is_ircadb_liver_tumor(structure: str, pattern: str = IRCADB_LIVER_TUMOR_PATTERN) -> bool:
+    """Whether a ``MASKS_DICOM`` folder name is a liver tumor (``livertumor03`` yes, ``tumor`` no)."""
+    return re.match(pattern, structure, re.IGNORECASE) is not None
+
+
+def find_ircadb_patients(root: str | Path, max_depth: int = SEARCH_DEPTH) -> list[Path]:
+    """The ``3Dircadb1.N`` folders below ``root`` (``root`` itself included), sorted by N."""
+    root = Path(root)
+    if not root.is_dir():
+        raise AqcfError(f"{root}: 3D-IRCADb-01 folder not found")
+    found, frontier = [], [root]
+    for _ in range(max_depth + 1):
+        next_frontier = []
+        for folder in frontier:
+            if IRCADB_PATIENT_PATTERN.match(folder.name):
+                found.append(folder)
+                continue
+            next_frontier += _subfolders(folder)
+        frontier = next_frontier
+    numbers = {}
+    for folder in found:
+        number = int(IRCADB_PATIENT_PATTERN.match(folder.name).group(1))
+        if number in numbers:
+            raise AqcfError(f"{root}: patient {folder.name} found twice ({numbers[number]} and {folder})")
+        numbers[number] = folder
+    return [numbers[n] for n in sorted(numbers)]
+
+
+class _PatientSources:
+    """The DICOM files of one IRCADb patient, from unpacked folders or the distributed zips."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.image_dir = folder / "PATIENT_DICOM"
+        self.mask_dir = folder / "MASKS_DICOM"
+        self.image_zip = folder / "PATIENT_DICOM.zip"
+        self.mask_zip = folder / "MASKS_DICOM.zip"
+        if not (self.image_dir.is_dir() or self.image_zip.is_file()):
+            raise AqcfError(f"{folder}: neither PATIENT_DICOM/ nor PATIENT_DICOM.zip")
+        if not (self.mask_dir.is_dir() or self.mask_zip.is_file()):
+            raise AqcfError(f"{folder}: neither MASKS_DICOM/ nor MASKS_DICOM.zip")
+
+    @staticmethod
+    def _dir_files(folder: Path) -> list[Path]:
+        return [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+    @staticmethod
+    def _zip_members(archive: Path, top: str) -> dict[str, list[str]]:
+        """Subfolder below ``top`` ('' for files directly in it) -> member names, from a zip."""
+        groups: dict[str, list[str]] = {}
+        with zipfile.ZipFile(archive) as handle:
+            for member in handle.namelist():
+                parts = [p for p in member.split("/") if p]
+                if member.endswith("/") or top not in parts or parts[-1].startswith("."):
+                    continue
+                rest = parts[parts.index(top) + 1:]
+                if len(rest) == 1:
+                    groups.setdefault("", []).append(member)
+                elif len(rest) == 2:
+                    groups.setdefault(rest[0], []).append(member)
+        return groups
+
+    def source_files(self) -> list[Path]:
+        """Files whose change must trigger a new conversion."""
+        if self.image_dir.is_dir():
+            files = self._dir_files(self.image_dir)
+        else:
+            files = [self.image_zip]
+        if self.mask_dir.is_dir():
+            for structure in self.structures():
+                files += self._dir_files(self.mask_dir / structure)
+        else:
+            files.append(self.mask_zip)
+        return files
+
+    def structures(self) -> list[str]:
+        if self.mask_dir.is_dir():
+            return [p.name for p in _subfolders(self.mask_dir)]
+        return sorted(k for k in self._zip_members(self.mask_zip, "MASKS_DICOM") if k)
+
+    def _read(self, folder: Path, archive: Path, top: str, group: str) -> list:
+        if folder.is_dir():
+            target = folder / group if group else folder
+            return [_dcmread(p, str(p)) for p in self._dir_files(target)]
+        members = self._zip_members(archive, top).get(group, [])
+        with zipfile.ZipFile(archive) as handle:
+            return [_dcmread(handle.read(m), f"{archive}:{m}") for m in sorted(members)]
+
+    def image_slices(self) -> list:
+        return self._read(self.image_dir, self.image_zip, "PATIENT_DICOM", "")
+
+    def mask_slices(self, structure: str) -> list:
+        return self._read(self.mask_dir, self.mask_zip, "MASKS_DICOM", structure)
+
+
+def _mask_volume(
+    datasets: Sequence, image_keys: np.ndarray, kind: str, shape: tuple, name: str
+) -> np.ndarray:
+    """Place the slices of one mask series at the image slices with the same position, shape (X, Y, Z)."""
+    keys, mask_kind = _slice_positions(datasets, name)
+    if mask_kind != kind:
+        raise AqcfError(f"{name}: slices ordered by {mask_kind} but the image by {kind}")
+    tolerance = POSITION_TOLERANCE_MM if kind == "position" else 0.5
+    volume = np.zeros(shape, dtype=bool)
+    for key, ds in zip(keys, datasets, strict=True):
+        index = int(np.argmin(np.abs(image_keys - key)))
+        if abs(image_keys[index] - key) > tolerance:
+            raise AqcfError(f"{name}: a mask slice at {key:.3f} matches no image slice")
+        pixels = ds.pixel_array
+        if pixels.T.shape != shape[:2]:
+            raise AqcfError(f"{name}: mask slices are {pixels.shape}, image slices {shape[1::-1]}")
+        volume[:, :, index] |= pixels.T != 0
+    return volume
+
+
+def convert_ircadb_patient(
+    folder: str | Path, cache_dir: str | Path, tumor_pattern: str = IRCADB_LIVER_TUMOR_PATTERN
+) -> Case:
+    """Convert one ``3Dircadb1.N`` patient to ``imagesTs/ID.nii.gz`` (HU) and ``labelsTs/ID.nii.gz``.
+
+    Nothing is converted when the cache holds a conversion of the same sources and settings.
+
+    Args:
+        folder: the patient folder.
+        cache_dir: output folder; receives ``imagesTs/``, ``labelsTs/`` and ``records/ID.json``.
+        tumor_pattern: regular expression (case-insensitive) of the ``MASKS_DICOM`` folders merged into
+            label 2.
+
+    Returns:
+        The case (id = folder name, modality ``"ct"``).
+    """
+    folder, cache_dir = Path(folder), Path(cache_dir)
+    sources = _PatientSources(folder)
+    case_key = folder.name
+    image_path = cache_dir / IMAGES / f"{case_key}.nii.gz"
+    label_path = cache_dir / LABELS / f"{case_key}.nii.gz"
+    record = cache_dir / "records" / f"{case_key}.json"
+    structures = sources.structures()
+    tumors = [s for s in structures if is_ircadb_liver_tumor(s, tumor_pattern)]
+    livers = [s for s in structures if s.lower() == IRCADB_LIVER_FOLDER]
+    signature = {
+        "converter": CONVERTER_VERSION,
+        "tumor_pattern": tumor_pattern,
+        "sources": _file_signature(sources.source_files(), folder),
+    }
+    case = Case(id=case_key, modality=CT, image=image_path, label=label_path)
+    if _cache_is_current(record, (image_path, label_path), signature):
+        return case
+    if not livers:
+        found = ", ".join(structures) or "none"
+        raise AqcfError(f"{folder}: MASKS_DICOM has no 'liver' folder (found: {found})")
+
+    image_slices = sources.image_slices()
+    volume, affine, keys, kind = dicom_series_to_volume(image_slices, f"{folder}/PATIENT_DICOM")
+    slopes = {float(getattr(ds, "RescaleSlope", 1)) for ds in image_slices}
+    intercepts = {float(getattr(ds, "RescaleIntercept", 0)) for ds in image_slices}
+    integral = slopes == {1.0} and all(i.is_integer() for i in intercepts)
+    volume = volume.astype(np.int16 if integral else np.float32)
+
+    label = np.zeros(volume.shape, dtype=np.uint8)
+    for structure, value in [(s, LIVER_LABEL) for s in livers] + [(s, TUMOR_LABEL) for s in tumors]:
+        name = f"{folder}/MASKS_DICOM/{structure}"
+        mask = _mask_volume(sources.mask_slices(structure), keys, kind, volume.shape, name)
+        label[mask] = value  # tumor comes after liver, so 2 overrides 1
+
+    _save_nifti_atomic(_nifti(volume, affine), image_path)
+    _save_nifti_atomic(_nifti(label, affine), label_path)
+    _write_json_atomic({
+        "signature": signature,
+        "source": str(folder),
+        "liver": livers,
+        "liver_tumor": tumors,
+        "ignored": [s for s in structures if s not in livers and s not in tumors],
+        "slice_order": kind,
+    }, record)
+    return case
+
+
+def read_ircadb(
+    root: str | Path,
+    cache_dir: str | Path | None = None,
+    *,
+    modality: str = CT,
+    tumor_pattern: str = IRCADB_LIVER_TUMOR_PATTERN,
+    progress: bool = False,
+) -> list[Case]:
+    """The 3D-IRCADb-01 patients below ``root`` as NIfTI cases, converted on first use.
+
+    Args:
+        root: folder holding ``3Dircadb1.N`` folders (directly or up to three levels down).
+        cache_dir: where the NIfTI files go; default ``default_cache_dir() / "ircadb"``.
+        modality: must be ``"ct"`` (the argument exists for :func:`aqcf.data.cohorts.read_cohort`).
+        tumor_pattern: regular expression of the mask folders that count as liver tumor.
+        progress: show a progress bar over patients.
+
+    Returns:
+        One case per patient (id ``3Dircadb1.N``, modality ``"ct"``), sorted by N.
+    """
+    from tqdm import tqdm
+
+    if check_modality(modality) != CT:
+        raise AqcfError(f"{root}: 3D-IRCADb-01 is CT, not {modality!r}")
+    patients = find_ircadb_patients(root)
+    if not patients:
+        raise AqcfError(f"{root}: no 3Dircadb1.N folders found")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "ircadb"
+    return [
+        convert_ircadb_patient(folder, cache, tumor_pattern)
+        for folder in tqdm(patients, desc="3D-IRCADb-01", unit="patient", disable=not progress)
+    ]
+
+
+# ------------------------------------------------------------------------------------- LiverHccSeg
+
+
+def _strip_suffix(name: str) -> str | None:
+    lowered = name.lower()
+    for suffix in IMAGE_SUFFIXES:
+        if lowered.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _match_one(
+    files: Sequence[Path], pattern: str, folder: Path, what: str, exclude: Callable[[Path], bool]
+) -> Path | None:
+    """The file whose suffix-less name matches ``pattern``; None if none, an error if several."""
+    hits = [
+        p for p in files if not exclude(p) and fnmatch.fnmatch(_strip_suffix(p.name).lower(), pattern.lower())
+    ]
+    if len(hits) > 1:
+        raise AqcfError(f"{folder}: {len(hits)} files match the {what} pattern {pattern!r}: "
+                        f"{', '.join(p.name for p in hits)}")
+    return hits[0] if hits else None
+
+
+def _as_nifti(path: Path, cache: Path) -> Path:
+    """``path`` itself if NIfTI, else a NIfTI copy in ``cache`` (converted with SimpleITK)."""
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        return path
+    import SimpleITK as sitk
+
+    target = cache / f"{_strip_suffix(path.name)}.nii.gz"
+    if target.is_file() and target.stat().st_mtime_ns >= path.stat().st_mtime_ns:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".nii.gz", dir=target.parent)
+    os.close(fd)
+    try:
+        sitk.WriteImage(sitk.ReadImage(str(path)), tmp)
+        os.replace(tmp, target)
+    except RuntimeError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise AqcfError(f"{path}: cannot read as an image ({err})") from err
+    return target
+
+
+def read_liverhccseg(
+    root: str | Path,
+    *,
+    phase: str = "arterial",
+    rater: str = "R1",
+    image_pattern: str = "*{phase}*",
+    liver_pattern: str = "*{rater}*liver*",
+    tumor_pattern: str = "*{rater}*tumo*",
+    missing_mask: str = "skip",
+    cache_dir: str | Path | None = None,
+    modality: str = MRI,
+) -> list[Case]:
+    """LiverHccSeg cases: one phase as the image, one rater's liver and tumor masks merged to 0/1/2.
+
+    Expected layout (configurable through the patterns)::
+
+        root/<case>/<...phase...>.nii.gz          one image per phase, e.g. arterial.nii.gz
+        root/<case>/<...rater...liver...>.nii.gz  e.g. R1_liver.nii.gz (any value > 0 is liver)
+        root/<case>/<...rater...tumor...>.nii.gz  e.g. R1_tumor.nii.gz (any value > 0 is tumor)
+
+    Patterns are shell globs, matched case-insensitively against file names without their image
+    suffix (``.nii.gz``, ``.nii``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``), anywhere below the case
+    folder, after ``{phase}`` and ``{rater}`` are filled in; mask files never count as images. A case
+    folder is a folder (up to three levels below ``root``) holding a file that matches the image
+    pattern directly. Masks must share the image's voxel grid.
+
+    Args:
+        root: dataset folder.
+        phase: the phase used as input image.
+        rater: whose masks are the reference.
+        image_pattern, liver_pattern, tumor_pattern: file-name globs (see above).
+        missing_mask: a case without the rater's liver or tumor mask (the release has 17 liver and 14
+            tumor segmentations) is ``"skip"``-ped (with a warning), an ``"error"``, or evaluated with
+            that class ``"empty"``.
+        cache_dir: where merged labels (and NIfTI copies of non-NIfTI images) go; default
+            ``default_cache_dir() / "liverhccseg"``.
+        modality: must be ``"mri"`` (the argument exists for :func:`aqcf.data.cohorts.read_cohort`).
+
+    Returns:
+        Cases (id = case folder name, modality ``"mri"``) with image and merged label NIfTI files.
+    """
+    root = Path(root)
+    if check_modality(modality) != MRI:
+        raise AqcfError(f"{root}: LiverHccSeg is MRI, not {modality!r}")
+    if not root.is_dir():
+        raise AqcfError(f"{root}: LiverHccSeg folder not found")
+    if missing_mask not in ("skip", "error", "empty"):
+        raise AqcfError(f"missing_mask {missing_mask!r} is not one of 'skip', 'error', 'empty'")
+    image_glob = image_pattern.format(phase=phase, rater=rater)
+    liver_glob = liver_pattern.format(phase=phase, rater=rater)
+    tumor_glob = tumor_pattern.format(phase=phase, rater=rater)
+    base = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "liverhccseg"
+    cache = base / f"{phase}_{rater}"
+
+    def is_mask(path: Path) -> bool:
+        stem = _strip_suffix(path.name).lower()
+        return any(word in stem for word in MASK_WORDS)
+
+    def image_files(folder: Path, recursive: bool) -> list[Path]:
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(
+            p for p in found if p.is_file() and not p.name.startswith(".") and _strip_suffix(p.name)
+        )
+
+    case_folders, frontier = [], [root]
+    for _ in range(SEARCH_DEPTH + 1):
+        next_frontier = []
+        for folder in frontier:
+            direct = image_files(folder, recursive=False)
+            if folder != root and _match_one(direct, image_glob, folder, "image", is_mask):
+                case_folders.append(folder)
+                continue
+            next_frontier += _subfolders(folder)
+        frontier = next_frontier
+    if not case_folders:
+        raise AqcfError(f"{root}: no case folder holds an image matching {image_glob!r} (phase {phase!r})")
+
+    cases, skipped = [], []
+    for folder in sorted(case_folders, key=lambda p: natural_key(p.name)):
+        files = image_files(folder, recursive=True)
+        image = _match_one(files, image_glob, folder, "image", is_mask)
+        masks = {
+            LIVER_LABEL: _match_one(files, liver_glob, folder, "liver mask", lambda p: False),
+            TUMOR_LABEL: _match_one(files, tumor_glob, folder, "tumor mask", lambda p: False),
+        }
+        missing = [("liver", liver_glob), ("tumor", tumor_glob)]
+        missing = [f"{what} ({glob!r})" for (what, glob), path in zip(missing, masks.values(), strict=True)
+                   if path is None]
+        if missing and missing_mask == "error":
+            raise AqcfError(f"{folder}: no {' or '.join(missing)} mask of rater {rater!r}")
+        if missing and missing_mask == "skip":
+            skipped.append(folder.name)
+            continue
+        image_nifti = _as_nifti(image, cache / "converted" / folder.name)
+        label_path = cache / LABELS / f"{folder.name}.nii.gz"
+        record = cache / "records" / f"{folder.name}.json"
+        sources = [image] + [p for p in masks.values() if p is not None]
+        signature = {"converter": CONVERTER_VERSION, "sources": _file_signature(sources, folder),
+                     "masks": {str(k): (p.name if p else None) for k, p in masks.items()}}
+        if not _cache_is_current(record, (label_path,), signature):
+            reference = nib.load(str(image_nifti))
+            shape = reference.shape[:3]
+            label = np.zeros(shape, dtype=np.uint8)
+            for value, path in masks.items():
+                if path is None:
+                    continue
+                mask_image = nib.load(str(_as_nifti(path, cache / "converted" / folder.name)))
+                same_grid = mask_image.shape[:3] == shape and np.allclose(
+                    mask_image.affine, reference.affine, atol=AFFINE_TOLERANCE_MM
+                )
+                if not same_grid:
+                    raise AqcfError(
+                        f"{path}: voxel grid {mask_image.shape} differs from the image {image.name} {shape}"
+                    )
+                data = np.asanyarray(mask_image.dataobj).reshape(shape)
+                label[data > 0] = value  # tumor after liver: 2 overrides 1
+            _save_nifti_atomic(_nifti(label, reference.affine), label_path)
+            _write_json_atomic({"signature": signature, "image": str(image)}, record)
+        cases.append(Case(id=folder.name, modality=MRI, image=image_nifti, label=label_path))
+    if skipped:
+        warnings.warn(f"{root}: skipped {len(skipped)} case(s) without both masks of rater {rater!r}: "
+                      f"{', '.join(skipped)}", stacklevel=2)
+    if not cases:
+        raise AqcfError(f"{root}: no case has the liver and tumor masks of rater {rater!r}")
+    return cases
+
+
+register_reader("ircadb", read_ircadb)
+register_reader("liverhccseg", read_liverhccseg)
