@@ -39,7 +39,7 @@ def _hu(slice_index):
     return (-500 + 100 * slice_index + 10 * rows + columns).astype(np.int16)
 
 
-def _write_slice(path, pixels, slice_index, bits=16, intercept=None):
+def _write_slice(path, pixels, slice_index, bits=16, intercept=None, geometry=True):
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -50,8 +50,9 @@ def _write_slice(path, pixels, slice_index, bits=16, intercept=None):
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "CT"
     ds.InstanceNumber = SLICES - slice_index
-    ds.ImagePositionPatient = [float(ORIGIN[0]), float(ORIGIN[1]), float(_z(slice_index))]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    if geometry:
+        ds.ImagePositionPatient = [float(ORIGIN[0]), float(ORIGIN[1]), float(_z(slice_index))]
+        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     ds.PixelSpacing = [ROW_SPACING, COLUMN_SPACING]
     ds.SliceThickness = SLICE_STEP
     ds.Rows, ds.Columns = pixels.shape
@@ -84,14 +85,15 @@ MASKS = {"liver": LIVER, "livertumor01": TUMOR_A, "livertumor2": TUMOR_B, "tumor
          "portalvein": _region((4, 7, 1), (6, 9, 5))}
 
 
-def _write_patient(folder):
+def _write_patient(folder, mask_geometry=True):
     for k, slice_index in enumerate(FILE_TO_SLICE):
         stored = _hu(slice_index) + 1024
         _write_slice(folder / "PATIENT_DICOM" / f"image_{k}", stored, slice_index, intercept=-1024)
     for structure, mask in MASKS.items():
         for k, slice_index in enumerate(MASK_FILE_TO_SLICE):
             pixels = mask[:, :, slice_index].astype(np.uint8) * 255
-            _write_slice(folder / "MASKS_DICOM" / structure / f"image_{k}", pixels, slice_index, bits=8)
+            _write_slice(folder / "MASKS_DICOM" / structure / f"image_{k}", pixels, slice_index, bits=8,
+                         geometry=mask_geometry)
 
 
 def _zip_folder(folder, name):
@@ -144,6 +146,14 @@ def test_ircadb_label_geometry_and_hu(ircadb, tmp_path):
     record = json.loads((tmp_path / "cache" / "records" / "3Dircadb1.10.json").read_text())
     assert sorted(record["liver_tumor"]) == ["livertumor01", "livertumor2"]
     assert "tumor" in record["ignored"]
+
+
+def test_ircadb_masks_without_positions_match_by_instance_number(tmp_path):
+    _write_patient(tmp_path / "data" / "3Dircadb1.7", mask_geometry=False)
+    (case,) = read_ircadb(tmp_path / "data", cache_dir=tmp_path / "cache")
+    label = np.asarray(nib.load(case.label).dataobj).transpose(1, 0, 2)  # back to (rows, columns, z)
+    assert np.array_equal(label == 2, TUMOR_A | TUMOR_B)
+    assert np.array_equal(label > 0, LIVER)
 
 
 def test_ircadb_converts_once(ircadb, tmp_path, monkeypatch):

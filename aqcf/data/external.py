@@ -171,7 +171,7 @@ def _slice_positions(datasets: Sequence, name: str) -> tuple[np.ndarray, str]:
 
 def dicom_series_to_volume(
     datasets: Sequence, name: str = "DICOM series", rescale: bool = True
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+) -> tuple[np.ndarray, np.ndarray, list]:
     """Stack single-frame DICOM slices into a volume in NIfTI (RAS) world coordinates.
 
     Args:
@@ -180,9 +180,9 @@ def dicom_series_to_volume(
         rescale: apply RescaleSlope / RescaleIntercept (CT: stored values -> HU).
 
     Returns:
-        ``(volume, affine, order_keys, key_kind)``: volume (columns, rows, slices) = (X, Y, Z), HU
-        when rescaled; the 4×4 voxel-to-RAS affine in mm; the sorted ordering keys (mm along the
-        slice normal, or instance numbers) and which of the two they are.
+        ``(volume, affine, ordered)``: volume (columns, rows, slices) = (X, Y, Z), HU when rescaled,
+        slices ordered by position along the slice normal (by InstanceNumber if positions are
+        missing); the 4×4 voxel-to-RAS affine in mm; the datasets in volume order.
     """
     from pydicom.pixels import apply_rescale
 
@@ -228,7 +228,7 @@ def dicom_series_to_volume(
     affine_lps[:3, 1] = column_cosine * row_spacing
     affine_lps[:3, 2] = step
     affine_lps[:3, 3] = origin
-    return volume, LPS_TO_RAS @ affine_lps, keys, kind
+    return volume, LPS_TO_RAS @ affine_lps, datasets
 
 
 def is_ircadb_liver_tumor(structure: str, pattern: str = IRCADB_LIVER_TUMOR_PATTERN) -> bool:
@@ -326,13 +326,18 @@ class _PatientSources:
         return self._read(self.mask_dir, self.mask_zip, "MASKS_DICOM", structure)
 
 
-def _mask_volume(
-    datasets: Sequence, image_keys: np.ndarray, kind: str, shape: tuple, name: str
-) -> np.ndarray:
-    """Place the slices of one mask series at the image slices with the same position, shape (X, Y, Z)."""
-    keys, mask_kind = _slice_positions(datasets, name)
-    if mask_kind != kind:
-        raise AqcfError(f"{name}: slices ordered by {mask_kind} but the image by {kind}")
+def _mask_volume(datasets: Sequence, image_slices: Sequence, shape: tuple, name: str) -> np.ndarray:
+    """Place each slice of one mask series at the image slice with its position, shape (X, Y, Z).
+
+    Masks are matched by position along the slice normal; by InstanceNumber where a mask series has
+    no positions.
+    """
+    keys, kind = _slice_positions(datasets, name)
+    image_keys, image_kind = _slice_positions(image_slices, name)
+    if kind != image_kind:
+        if kind != "instance" or any(getattr(ds, "InstanceNumber", None) is None for ds in image_slices):
+            raise AqcfError(f"{name}: mask slices ordered by {kind} but the image slices cannot be")
+        image_keys = np.array([float(ds.InstanceNumber) for ds in image_slices])
     tolerance = POSITION_TOLERANCE_MM if kind == "position" else 0.5
     volume = np.zeros(shape, dtype=bool)
     for key, ds in zip(keys, datasets, strict=True):
@@ -384,7 +389,7 @@ def convert_ircadb_patient(
         raise AqcfError(f"{folder}: MASKS_DICOM has no 'liver' folder (found: {found})")
 
     image_slices = sources.image_slices()
-    volume, affine, keys, kind = dicom_series_to_volume(image_slices, f"{folder}/PATIENT_DICOM")
+    volume, affine, image_slices = dicom_series_to_volume(image_slices, f"{folder}/PATIENT_DICOM")
     slopes = {float(getattr(ds, "RescaleSlope", 1)) for ds in image_slices}
     intercepts = {float(getattr(ds, "RescaleIntercept", 0)) for ds in image_slices}
     integral = slopes == {1.0} and all(i.is_integer() for i in intercepts)
@@ -393,7 +398,7 @@ def convert_ircadb_patient(
     label = np.zeros(volume.shape, dtype=np.uint8)
     for structure, value in [(s, LIVER_LABEL) for s in livers] + [(s, TUMOR_LABEL) for s in tumors]:
         name = f"{folder}/MASKS_DICOM/{structure}"
-        mask = _mask_volume(sources.mask_slices(structure), keys, kind, volume.shape, name)
+        mask = _mask_volume(sources.mask_slices(structure), image_slices, volume.shape, name)
         label[mask] = value  # tumor comes after liver, so 2 overrides 1
 
     _save_nifti_atomic(_nifti(volume, affine), image_path)
@@ -404,7 +409,7 @@ def convert_ircadb_patient(
         "liver": livers,
         "liver_tumor": tumors,
         "ignored": [s for s in structures if s not in livers and s not in tumors],
-        "slice_order": kind,
+        "slice_order": _slice_positions(image_slices, str(folder))[1],
     }, record)
     return case
 
