@@ -150,3 +150,12 @@ def test_command_line(folders, capsys):
     assert code == 2
     error = capsys.readouterr().err
     assert error.startswith("aqcf: error:") and "reference case c" in error and len(error.splitlines()) == 1
+
+
+def test_label_values_outside_0_1_2_name_the_file(folders):
+    pred, ref, out = folders
+    bad = np.zeros((9, 9, 10), np.uint8)
+    bad[0, 0, 0] = 5
+    _save(pred / "a.nii.gz", bad)
+    with pytest.raises(AqcfError, match=r"a\.nii\.gz: label values \[5\]"):
+        evaluate_folder(pred, ref, out, modality="ct", progress=False)

@@ -230,7 +230,9 @@ def _load_label(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
         data = data[..., 0]
     if data.ndim != 3:
         raise AqcfError(f"{path}: label map has shape {data.shape}, expected 3-D")
-    return data, image
+    check_label_values(data, str(path))
+    # float-stored masks would otherwise keep 4-8 bytes per voxel through the metrics
+    return data.astype(np.uint8, copy=False), image
 
 
 def evaluate_pair(
@@ -259,8 +261,6 @@ def evaluate_pair(
         warnings.warn(f"{pred_path}: affine differs from the reference {ref_path}; comparing voxel by voxel",
                       stacklevel=2)
     spacing = tuple(float(s) for s in ref_image.header.get_zooms()[:3])
-    check_label_values(pred, str(pred_path))
-    check_label_values(ref, str(ref_path))
     return evaluate_case(pred, ref, spacing, case=case, modality=modality, empty_distance=empty_distance)
 
 
