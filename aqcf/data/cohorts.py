@@ -155,14 +155,14 @@ def read_lits(root: str | Path, modality: str = CT) -> list[Case]:
     return [Case(f"lits-{n}", modality, volumes[n], labels[n]) for n in sorted(volumes)]
 
 
-def _find_images_folder(folder: Path, pattern: re.Pattern, what: str) -> Path:
+def _find_images_folder(folder: Path, pattern: re.Pattern, what: str, looked: str) -> Path:
     candidates = sorted(
         p
         for p in [folder, *folder.rglob("imagesTr")]
         if p.name == "imagesTr" and p.is_dir() and any(pattern.match(f.name) for f in p.iterdir())
     )
     if not candidates:
-        raise AqcfError(f"{folder}: no {what} found; looked for an imagesTr/ folder in it and its subfolders")
+        raise AqcfError(f"{folder}: no {what} found; looked for {looked} in it and its subfolders")
     if len(candidates) > 1:
         listing = ", ".join(str(c) for c in candidates)
         raise AqcfError(f"{folder}: several imagesTr/ folders found ({listing}); point at one of them")
@@ -193,7 +193,9 @@ def read_atlas(root: str | Path, modality: str = MRI) -> list[Case]:
     """
     modality = check_modality(modality)
     folder = _check_folder(root)
-    images_dir = _find_images_folder(folder, _ATLAS_IMAGE, "ATLAS case (imagesTr/imN.nii.gz)")
+    images_dir = _find_images_folder(
+        folder, _ATLAS_IMAGE, "ATLAS case", "imagesTr/imN.nii.gz with labelsTr/lbN.nii.gz"
+    )
     labels_dir = _labels_folder(images_dir)
     images = _index_by_number(_visible_files(images_dir), _ATLAS_IMAGE)
     labels = _index_by_number(_visible_files(labels_dir), _ATLAS_LABEL)

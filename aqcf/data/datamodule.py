@@ -1,0 +1,404 @@
+"""``UnpairedDataModule``: two cohorts, two TorchIO queues, one unpaired batch per step (paper §3.1).
+
+Each training batch is ``{"ct": {"image", "label", "id"}, "mri": {"image", "label", "id"}}`` with
+``image`` (B, 1, X, Y, Z) float32 in [0, 1], ``label`` (B, 1, X, Y, Z) int64 in {0, 1, 2} and ``id`` the
+B source case ids; B is ``batch_pairs``. The CT and MRI patches come from two independent queues, so
+which CT subject meets which MRI subject is random (eq. 1). Validation, test and prediction yield whole
+preprocessed volumes, one at a time, CT cases first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI
+from aqcf.data.augment import build_augmentation
+from aqcf.data.cohorts import read_cohort
+from aqcf.data.preprocess import Manifest, PreprocessSettings, preprocess_cohort
+from aqcf.data.splits import load_or_create_splits
+from aqcf.errors import AqcfError
+
+__all__ = ["UnpairedDataModule", "DEFAULT_LABEL_PROBABILITIES"]
+
+DEFAULT_LABEL_PROBABILITIES = {0: 0.2, 1: 0.4, 2: 0.4}
+"""Probability that a training patch is centred on background, liver, tumor. Labels absent from a
+volume are skipped and the rest renormalised (a tumor-free case: 1/3 background, 2/3 liver)."""
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` unless torch.distributed runs with several processes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class _PadToAtLeast:
+    """Zero-pad a TorchIO subject so every axis is at least ``size`` (volumes smaller than a patch)."""
+
+    def __init__(self, size: Sequence[int]):
+        self.size = np.asarray(size, dtype=int)
+
+    def __call__(self, subject):
+        import torchio as tio
+
+        missing = np.maximum(self.size - np.asarray(subject.spatial_shape), 0)
+        if not missing.any():
+            return subject
+        padding = [int(n) for m in missing for n in (m // 2, m - m // 2)]
+        return tio.Pad(padding)(subject)
+
+
+class _PatchStream(Dataset):
+    """Patches popped from a TorchIO queue, augmented and turned into plain tensors."""
+
+    def __init__(self, queue, augment):
+        self.queue = queue
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.queue)
+
+    def __getitem__(self, index: int) -> dict:
+        import torchio as tio
+
+        patch = self.queue[index]
+        sample = {
+            IMAGE: patch[IMAGE][tio.DATA].float(),
+            LABEL: patch[LABEL][tio.DATA],
+            "id": patch["id"],
+        }
+        if self.augment is not None:
+            return self.augment(sample)
+        return {**sample, LABEL: sample[LABEL].long()}
+
+
+class _EpochSampler(Sampler):
+    """Sequential indices over the patch stream; forwards ``set_epoch`` to the queue's subject sampler.
+
+    Lightning calls ``set_epoch`` on a train loader's sampler at each epoch start, which is how the
+    per-rank subject order changes between epochs under DDP.
+    """
+
+    def __init__(self, stream: _PatchStream, subject_sampler=None):
+        self.stream = stream
+        self.subject_sampler = subject_sampler
+
+    def __iter__(self):
+        return iter(range(len(self.stream)))
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.subject_sampler is not None:
+            self.subject_sampler.set_epoch(epoch)
+
+
+class _Volumes(Dataset):
+    """Whole preprocessed volumes: ``{"image", "label"?, "modality", "id", "record"?}``."""
+
+    def __init__(self, entries: Sequence[dict], with_record: bool = False):
+        self.entries = list(entries)
+        self.with_record = with_record
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        import nibabel as nib
+
+        entry = self.entries[index]
+        item = {
+            IMAGE: torch.from_numpy(np.asarray(nib.load(entry[IMAGE]).dataobj, dtype=np.float32).copy())[
+                None
+            ],
+            "modality": entry["modality"],
+            "id": entry["id"],
+        }
+        if entry.get(LABEL):
+            label = np.asarray(nib.load(entry[LABEL]).dataobj, dtype=np.int64)
+            item[LABEL] = torch.from_numpy(label)[None]
+        if self.with_record:
+            item["record"] = entry
+        return item
+
+
+def _collate_volumes(items: list[dict]) -> dict:
+    """Stack tensors; keep strings and records as lists (default_collate would mangle the records)."""
+    batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        batch[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return batch
+
+
+class UnpairedDataModule(L.LightningDataModule):
+    """Unpaired CT and MRI cohorts: preprocessing cache, folds, patch queues and volume loaders.
+
+    Under DDP (``torch.distributed`` initialised with several processes) each queue draws its subjects
+    through a ``DistributedSampler``, so ranks train on different subjects, and the validation / test /
+    prediction volumes are sharded ``indices[rank::world]``. The Trainer must therefore run with
+    ``use_distributed_sampler=False``; otherwise Lightning would wrap the patch loaders in a second
+    sampler.
+
+    One of ``ct_root`` / ``mri_root`` may be ``None`` for a unimodal run; batches then hold one key.
+
+    Args:
+        ct_root: CT cohort folder (LiTS layout by default).
+        mri_root: MRI cohort folder (ATLAS layout by default).
+        ct_format: Layout of ``ct_root``: ``lits``, ``atlas``, ``nnunet`` (or a registered format).
+        mri_format: Layout of ``mri_root``.
+        cache_dir: Folder of the preprocessing caches (``<modality>-<format>-<key>/`` per cohort).
+        fold: Fold whose validation cases validate and test this run (0-based).
+        n_folds: Number of folds.
+        split_seed: Seed of the fold assignment (used only when the splits file is created).
+        splits_dir: Folder of ``<modality>/splits.json`` (default ``cache_dir``).
+        patch_size: Training patch (X, Y, Z) in voxels; volumes smaller than it are zero-padded.
+        samples_per_volume: Patches drawn from a subject each time the queue loads it.
+        queue_length: Patches each queue holds.
+        label_probabilities: Probability of centring a patch on background / liver / tumor (default
+            :data:`DEFAULT_LABEL_PROBABILITIES`).
+        batch_pairs: CT-MRI pairs per batch (B).
+        num_workers: Processes loading subjects into each queue.
+        preprocess_workers: Processes preprocessing the cohorts in ``prepare_data``.
+        ct_spacing, mri_spacing: Target voxel size in mm.
+        ct_window, mri_window: Intensity window mapped to [0, 1] (HU for CT).
+        ct_orientation, mri_orientation: Target axis codes.
+        pad_multiple: Volumes are zero-padded to a multiple of this along every axis.
+        augment: Augment training patches (:func:`aqcf.data.augment.build_augmentation`).
+        flip_prob, rot90_prob, intensity_shift, intensity_scale, intensity_prob: Augmentation settings.
+        test_ct_root, test_mri_root: External test cohorts; a modality without one is tested on the
+            fold's validation cases.
+        test_ct_format, test_mri_format: Their layouts.
+        progress: Show progress bars while preprocessing.
+    """
+
+    def __init__(
+        self,
+        ct_root: str | None,
+        mri_root: str | None,
+        ct_format: str = "lits",
+        mri_format: str = "atlas",
+        cache_dir: str = "cache",
+        fold: int = 0,
+        n_folds: int = 5,
+        split_seed: int = 0,
+        splits_dir: str | None = None,
+        patch_size: tuple[int, int, int] = (256, 256, 16),
+        samples_per_volume: int = 4,
+        queue_length: int = 32,
+        label_probabilities: dict[int, float] | None = None,
+        batch_pairs: int = 1,
+        num_workers: int = 2,
+        preprocess_workers: int = 0,
+        ct_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        mri_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        ct_window: tuple[float, float] = (-16.0, 176.0),
+        mri_window: tuple[float, float] = (74.0, 511.0),
+        ct_orientation: str = "RAS",
+        mri_orientation: str = "LAS",
+        pad_multiple: int = 16,
+        augment: bool = True,
+        flip_prob: float = 0.1,
+        rot90_prob: float = 0.1,
+        intensity_shift: float = 0.1,
+        intensity_scale: float = 0.1,
+        intensity_prob: float = 0.5,
+        test_ct_root: str | None = None,
+        test_ct_format: str = "nnunet",
+        test_mri_root: str | None = None,
+        test_mri_format: str = "nnunet",
+        progress: bool = True,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if ct_root is None and mri_root is None:
+            raise AqcfError("data: set ct_root, mri_root or both")
+        if not 0 <= fold < n_folds:
+            raise AqcfError(f"data.fold {fold}: need 0 <= fold < n_folds ({n_folds})")
+        if len(patch_size) != 3 or min(patch_size) < 1:
+            raise AqcfError(f"data.patch_size {patch_size}: need three positive sizes")
+        if batch_pairs < 1 or samples_per_volume < 1 or queue_length < 1:
+            raise AqcfError("data: batch_pairs, samples_per_volume and queue_length must be positive")
+        self.roots = {CT: ct_root, MRI: mri_root}
+        self.formats = {CT: ct_format, MRI: mri_format}
+        self.test_roots = {CT: test_ct_root, MRI: test_mri_root}
+        self.test_formats = {CT: test_ct_format, MRI: test_mri_format}
+        self.patch_size = tuple(int(n) for n in patch_size)
+        self.label_probabilities = dict(label_probabilities or DEFAULT_LABEL_PROBABILITIES)
+        self.manifests: dict[str, Manifest] = {}
+        self.splits: dict[str, list[dict]] = {}
+        self.train_entries: dict[str, list[dict]] = {}
+        self.val_entries: dict[str, list[dict]] = {}
+        self.test_entries: dict[str, list[dict]] = {}
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities with a training cohort, CT first."""
+        return tuple(m for m in MODALITIES if self.roots[m] is not None)
+
+    def preprocess_settings(self, modality: str) -> PreprocessSettings:
+        """The preprocessing of ``modality`` (inference rebuilds it from a checkpoint's hyper-parameters)."""
+        hp = self.hparams
+        prefix = "ct" if modality == CT else "mri"
+        return PreprocessSettings.default(
+            modality,
+            orientation=hp[f"{prefix}_orientation"],
+            window=tuple(hp[f"{prefix}_window"]),
+            spacing=tuple(hp[f"{prefix}_spacing"]),
+            pad_multiple=hp["pad_multiple"],
+        )
+
+    def _manifest(self, modality: str, root: str, fmt: str) -> Manifest:
+        cases = read_cohort(root, fmt, modality)
+        return preprocess_cohort(
+            cases,
+            self.preprocess_settings(modality),
+            self.hparams.cache_dir,
+            workers=self.hparams.preprocess_workers,
+            name=f"{modality}-{fmt.lower()}",
+            progress=self.hparams.progress,
+        )
+
+    def _splits_path(self, modality: str) -> Path:
+        return Path(self.hparams.splits_dir or self.hparams.cache_dir) / modality / "splits.json"
+
+    def _splits(self, modality: str, manifest: Manifest) -> list[dict]:
+        return load_or_create_splits(
+            self._splits_path(modality),
+            manifest.ids,
+            manifest.has_tumor,
+            n_folds=self.hparams.n_folds,
+            seed=self.hparams.split_seed,
+        )
+
+    def prepare_data(self) -> None:
+        """Preprocess every cohort into the cache and write the splits files (once per node)."""
+        for modality in self.modalities:
+            manifest = self._manifest(modality, self.roots[modality], self.formats[modality])
+            self._splits(modality, manifest)
+            if self.test_roots[modality] is not None:
+                self._manifest(modality, self.test_roots[modality], self.test_formats[modality])
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the manifests and the folds; fill the train / val / test case lists."""
+        fold = self.hparams.fold
+        for modality in self.modalities:
+            manifest = self._manifest(modality, self.roots[modality], self.formats[modality])
+            splits = self._splits(modality, manifest)
+            by_id = manifest.by_id()
+            self.manifests[modality] = manifest
+            self.splits[modality] = splits
+            self.train_entries[modality] = [by_id[i] for i in splits[fold]["train"]]
+            self.val_entries[modality] = [by_id[i] for i in splits[fold]["val"]]
+            if self.test_roots[modality] is not None:
+                test = self._manifest(modality, self.test_roots[modality], self.test_formats[modality])
+                self.test_entries[modality] = test.entries
+            else:
+                self.test_entries[modality] = self.val_entries[modality]
+
+    def _queue_loader(self, modality: str, index: int) -> DataLoader:
+        import torchio as tio
+        from torch.utils.data.distributed import DistributedSampler
+
+        hp = self.hparams
+        entries = self.train_entries[modality]
+        subjects = [
+            tio.Subject(
+                image=tio.ScalarImage(e[IMAGE]), label=tio.LabelMap(e[LABEL]), id=e["id"], modality=modality
+            )
+            for e in entries
+        ]
+        dataset = tio.SubjectsDataset(subjects, transform=_PadToAtLeast(self.patch_size))
+        rank, world = _distributed()
+        subject_sampler = None
+        if world > 1:
+            subject_sampler = DistributedSampler(
+                dataset,
+                num_replicas=world,
+                rank=rank,
+                shuffle=True,
+                seed=hp.split_seed,
+                drop_last=len(dataset) >= world,
+            )
+        sampler = tio.LabelSampler(
+            self.patch_size, label_name=LABEL, label_probabilities=self.label_probabilities
+        )
+        queue = tio.Queue(
+            dataset,
+            max_length=hp.queue_length,
+            samples_per_volume=hp.samples_per_volume,
+            sampler=sampler,
+            subject_sampler=subject_sampler,
+            num_workers=hp.num_workers,
+            shuffle_subjects=subject_sampler is None,
+            shuffle_patches=True,
+            start_background=False,
+        )
+        augment = None
+        if hp.augment:
+            # Distinct seeds per modality and rank keep the two streams' augmentations independent.
+            seed = (torch.initial_seed() + 7919 * (2 * rank + index)) % 2**32
+            augment = build_augmentation(
+                self.patch_size,
+                hp.flip_prob,
+                hp.rot90_prob,
+                hp.intensity_shift,
+                hp.intensity_scale,
+                hp.intensity_prob,
+                seed=seed,
+            )
+        stream = _PatchStream(queue, augment)
+        # The queue hands out patches from its own worker processes: this loader must use none.
+        return DataLoader(
+            stream,
+            batch_size=hp.batch_pairs,
+            sampler=_EpochSampler(stream, subject_sampler),
+            num_workers=0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self):
+        """``CombinedLoader({"ct": ..., "mri": ...}, mode="max_size_cycle")`` over the patch queues."""
+        from lightning.pytorch.utilities import CombinedLoader
+
+        self._require_setup()
+        loaders = {m: self._queue_loader(m, i) for i, m in enumerate(self.modalities)}
+        return CombinedLoader(loaders, mode="max_size_cycle")
+
+    def _volume_loader(
+        self, entries_by_modality: dict[str, list[dict]], with_record: bool = False
+    ) -> DataLoader:
+        self._require_setup()
+        entries = [e for m in self.modalities for e in entries_by_modality.get(m, [])]
+        rank, world = _distributed()
+        dataset = _Volumes(entries[rank::world], with_record=with_record)
+        return DataLoader(
+            dataset,
+            batch_size=1,
+            shuffle=False,
+            num_workers=min(self.hparams.num_workers, 2),
+            collate_fn=_collate_volumes,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """Fold ``fold``'s validation volumes, CT then MRI: ``{"image", "label", "modality", "id"}``."""
+        return self._volume_loader(self.val_entries)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test volumes (external cohorts where given, else the fold's validation cases)."""
+        return self._volume_loader(self.test_entries)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test volumes with ``"record"``: their manifest entry, for :func:`restore_to_original`."""
+        return self._volume_loader(self.test_entries, with_record=True)
+
+    def _require_setup(self) -> None:
+        if not self.train_entries:
+            raise RuntimeError("UnpairedDataModule: call prepare_data() and setup() first")
