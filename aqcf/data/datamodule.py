@@ -17,18 +17,36 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI
+from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI, check_modality
 from aqcf.data.augment import build_augmentation
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.preprocess import Manifest, PreprocessSettings, preprocess_cohort
 from aqcf.data.splits import load_or_create_splits
 from aqcf.errors import AqcfError
 
-__all__ = ["UnpairedDataModule", "DEFAULT_LABEL_PROBABILITIES"]
+__all__ = ["UnpairedDataModule", "DEFAULT_LABEL_PROBABILITIES", "preprocess_settings_from_hparams"]
 
 DEFAULT_LABEL_PROBABILITIES = {0: 0.2, 1: 0.4, 2: 0.4}
 """Probability that a training patch is centred on background, liver, tumor. Labels absent from a
 volume are skipped and the rest renormalised (a tumor-free case: 1/3 background, 2/3 liver)."""
+
+
+def preprocess_settings_from_hparams(hparams, modality: str) -> PreprocessSettings:
+    """A modality's preprocessing from the data module's hyper-parameters.
+
+    Args:
+        hparams: ``UnpairedDataModule.hparams``, or the ``"datamodule_hyper_parameters"`` dict of a
+            Lightning checkpoint (what ``aqcf segment`` reads).
+        modality: ``"ct"`` or ``"mri"``.
+    """
+    modality = check_modality(modality)
+    return PreprocessSettings.default(
+        modality,
+        orientation=hparams.get(f"{modality}_orientation"),
+        window=tuple(hparams[f"{modality}_window"]) if f"{modality}_window" in hparams else None,
+        spacing=tuple(hparams[f"{modality}_spacing"]) if f"{modality}_spacing" in hparams else None,
+        pad_multiple=hparams.get("pad_multiple"),
+    )
 
 
 def _distributed() -> tuple[int, int]:
@@ -245,15 +263,7 @@ class UnpairedDataModule(L.LightningDataModule):
 
     def preprocess_settings(self, modality: str) -> PreprocessSettings:
         """The preprocessing of ``modality`` (inference rebuilds it from a checkpoint's hyper-parameters)."""
-        hp = self.hparams
-        prefix = "ct" if modality == CT else "mri"
-        return PreprocessSettings.default(
-            modality,
-            orientation=hp[f"{prefix}_orientation"],
-            window=tuple(hp[f"{prefix}_window"]),
-            spacing=tuple(hp[f"{prefix}_spacing"]),
-            pad_multiple=hp["pad_multiple"],
-        )
+        return preprocess_settings_from_hparams(self.hparams, modality)
 
     def _manifest(self, modality: str, root: str, fmt: str) -> Manifest:
         cases = read_cohort(root, fmt, modality)

@@ -36,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -357,6 +358,8 @@ def preprocess_case(case: Case, settings: PreprocessSettings, folder: str | Path
         ``label`` (paths relative to ``folder``), ``has_tumor``, ``voxel_counts`` (background,
         liver, tumor on the preprocessed grid) and the geometry of :func:`preprocess_image`.
     """
+    import torchio  # noqa: F401  (a fresh worker's import time is not the case's)
+
     folder = Path(folder)
     start = time.perf_counter()
     # Headers first (cheap, clear messages); label values are checked on the voxels loaded below.
@@ -480,7 +483,8 @@ def preprocess_cohort(
         cases: The cohort (one modality).
         settings: The modality's preprocessing settings.
         cache_dir: Parent folder of the caches.
-        workers: Processes to use (0: this process).
+        workers: Processes to use (0: this process). They are spawned, so a script calling this
+            with ``workers > 0`` must do so under ``if __name__ == "__main__":``.
         name: Prefix of the cache folder (default: the modality).
         progress: Show a progress bar over cases.
 
@@ -529,12 +533,18 @@ def preprocess_cohort(
     ) as bar:
         if workers > 0 and len(todo) > 1:
             # spawn, not fork: forking a process that has started torch/OpenMP threads can deadlock.
-            with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                futures = [pool.submit(preprocess_case, case, settings, folder) for case in todo]
-                for future in as_completed(futures):
-                    entry = future.result()
-                    records[entry["id"]] = entry
-                    bar.update(1)
+            try:
+                with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+                    futures = [pool.submit(preprocess_case, case, settings, folder) for case in todo]
+                    for future in as_completed(futures):
+                        entry = future.result()
+                        records[entry["id"]] = entry
+                        bar.update(1)
+            except BrokenProcessPool as err:
+                raise AqcfError(
+                    f"{folder}: a preprocessing worker process died (out of memory, or a script that starts "
+                    "workers outside `if __name__ == '__main__':`); retry with fewer workers or workers=0"
+                ) from err
         else:
             for case in todo:
                 records[case.id] = preprocess_case(case, settings, folder)
