@@ -1,0 +1,276 @@
+"""The LightningModule: joint training on unpaired CT + MRI batches, deployed-path validation.
+
+Training (section 3.3, eq. 12): every batch holds one CT patch and one MRI patch drawn independently;
+both go through the dual-stream network in one forward pass and the loss is the unweighted sum of one
+MONAI ``DiceCELoss`` per stream.
+
+Validation and test run the path a user deploys (eq. 17): whole preprocessed volumes, one modality at
+a time, MONAI sliding-window inference with Gaussian blending, the absent stream zero-filled by the
+network's ``forward_single``.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from torch import Tensor, nn
+from torchmetrics.segmentation import DiceScore
+
+from aqcf.constants import IMAGE, LABEL, MODALITIES, check_modality
+
+__all__ = ["SegmentationModule", "class_masks", "MONITOR"]
+
+#: the value checkpoints and the plateau schedule follow: mean validation Dice over CT/MRI x liver/tumor
+MONITOR = "val/dice_mean"
+CLASSES = ("liver", "tumor")
+
+
+def class_masks(label: Tensor) -> Tensor:
+    """Evaluation masks in the LiTS convention: liver = labels {1, 2} (tumor is inside the liver), tumor = 2.
+
+    Args:
+        label: integer label map (B, 1, X, Y, Z) or (B, X, Y, Z) with values in {0, 1, 2}.
+
+    Returns:
+        Boolean tensor (B, 2, X, Y, Z): channel 0 liver, channel 1 tumor.
+    """
+    if label.ndim == 5:
+        label = label[:, 0]
+    return torch.stack([label >= 1, label == 2], dim=1)
+
+
+def _default_optimizer(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5)
+
+
+def _default_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    # the monitored value is a Dice (higher is better): halve the rate after 4 epochs without improvement
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=4)
+
+
+class SegmentationModule(L.LightningModule):
+    """Wraps a two-stream segmentation network, the joint DiceCE loss, optimizer and schedule.
+
+    The network must provide ``forward(ct, mri) -> (logits_ct, logits_mri)`` and
+    ``forward_single(x, modality) -> logits`` (see :class:`aqcf.networks.aqcfnet.AQCFNet`). A network that
+    serves only some modalities (a unimodal baseline) says so with a ``modalities`` attribute; the loss and
+    the validation then cover only those.
+
+    Args:
+        network: the segmentation network (a ``class_path`` object in YAML).
+        loss: loss for one stream, called as ``loss(logits (B,C,X,Y,Z), label (B,1,X,Y,Z) int)``; default
+            ``DiceCELoss(to_onehot_y=True, softmax=True)`` (eq. 12 sums one per stream, unweighted).
+        optimizer: callable that builds the optimizer from the parameters; default AdamW(lr=1e-4,
+            weight_decay=1e-5).
+        scheduler: callable that builds the LR scheduler from the optimizer; default ReduceLROnPlateau
+            (mode "max" on ``val/dice_mean``, factor 0.5, patience 4 epochs).
+        patch_size: training patch (X, Y, Z) in voxels; also the sliding window (linked to the data).
+        sw_overlap: sliding-window overlap (the paper uses 0.8).
+        sw_batch_size: windows per forward pass in sliding-window inference.
+        sw_mode: blending of overlapping windows ("gaussian" or "constant").
+        stitch_on_cpu: keep the stitched whole-volume logits on the CPU so large volumes fit in GPU memory.
+        test_output: where ``aqcf test`` writes per-case metrics; default ``<default_root_dir>/test``.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        loss: nn.Module | None = None,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        patch_size: Sequence[int] = (256, 256, 16),
+        sw_overlap: float = 0.8,
+        sw_batch_size: int = 2,
+        sw_mode: str = "gaussian",
+        stitch_on_cpu: bool = False,
+        test_output: str | None = None,
+    ) -> None:
+        super().__init__()
+        given = _cli_given_hyperparameters()
+        # Under LightningCLI the hyper-parameters are the config (network as class_path + init_args), so a
+        # checkpoint rebuilds its own network; built by hand, modules are saved as weights only.
+        self.save_hyperparameters(ignore=None if given else ["network", "loss"])
+        self.network = network
+        self.loss = loss if loss is not None else DiceCELoss(to_onehot_y=True, softmax=True)
+        self.optimizer_factory: Callable = optimizer or _default_optimizer
+        self.scheduler_factory: Callable = scheduler or _default_scheduler
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.sw_overlap = float(sw_overlap)
+        self.sw_batch_size = int(sw_batch_size)
+        self.sw_mode = sw_mode
+        self.stitch_on_cpu = bool(stitch_on_cpu)
+        self.test_output = test_output
+        self.modalities = tuple(getattr(network, "modalities", MODALITIES))
+        self.val_dice = nn.ModuleDict({m: _pooled_dice() for m in self.modalities})
+        self.test_dice = nn.ModuleDict({m: _pooled_dice() for m in self.modalities})
+        self._test_rows: list[dict] = []
+        #: first validation case per modality as numpy arrays (image, label, prediction), for overlays
+        self.overlay_cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    # ----------------------------------------------------------------------------------------- training
+    def forward(self, ct: Tensor, mri: Tensor) -> tuple[Tensor, Tensor]:
+        return self.network(ct, mri)
+
+    def predict_volume(self, image: Tensor, modality: str) -> Tensor:
+        """Whole-volume logits (B, C, X, Y, Z) by sliding-window inference on the unimodal path (eq. 17)."""
+        modality = check_modality(modality)
+        predictor = functools.partial(self.network.forward_single, modality=modality)
+        return sliding_window_inference(
+            image,
+            roi_size=self.patch_size,
+            sw_batch_size=self.sw_batch_size,
+            predictor=predictor,
+            overlap=self.sw_overlap,
+            mode=self.sw_mode,
+            device=torch.device("cpu") if self.stitch_on_cpu else None,
+        )
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        if self.modalities == MODALITIES:
+            logits = dict(zip(MODALITIES, self.network(batch["ct"][IMAGE], batch["mri"][IMAGE]), strict=True))
+        else:
+            logits = {m: self.network.forward_single(batch[m][IMAGE], m) for m in self.modalities}
+        losses = {m: self.loss(logits[m], batch[m][LABEL].long()) for m in self.modalities}
+        loss = sum(losses.values())
+        batch_size = batch[self.modalities[0]][IMAGE].shape[0]
+        log = {f"train/loss_{m}": value.detach() for m, value in losses.items()}
+        log["train/loss"] = loss.detach()
+        dices = []
+        for m in self.modalities:
+            dices += list(_batch_dice(logits[m].detach(), batch[m][LABEL]))
+        log["train/dice_mean"] = torch.stack(dices).mean()
+        for key, gate in getattr(self.network, "last_gates", {}).items():
+            log[f"gates/{key}"] = gate.float().mean()
+        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
+        return loss
+
+    # --------------------------------------------------------------------------------------- validation
+    def _evaluate_volume(self, batch: dict[str, Any], stage: str) -> tuple[str, Tensor, Tensor]:
+        modality = check_modality(batch["modality"][0])
+        if modality not in self.modalities:
+            return modality, None, None
+        logits = self.predict_volume(batch[IMAGE], modality)
+        label = batch[LABEL].long().to(logits.device)
+        loss = self.loss(logits, label)
+        self.log(f"{stage}/loss_{modality}", loss, batch_size=1, sync_dist=True)
+        self.log(f"{stage}/loss", loss, batch_size=1, sync_dist=True)
+        prediction = logits.argmax(dim=1, keepdim=True)
+        metric = (self.val_dice if stage == "val" else self.test_dice)[modality]
+        metric.update(class_masks(prediction).long(), class_masks(label).long())
+        return modality, prediction, label
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        modality, prediction, label = self._evaluate_volume(batch, "val")
+        if prediction is not None and modality not in self.overlay_cases:
+            self.overlay_cases[modality] = (
+                batch[IMAGE][0, 0].float().cpu().numpy(),
+                label[0, 0].cpu().numpy().astype(np.uint8),
+                prediction[0, 0].cpu().numpy().astype(np.uint8),
+            )
+
+    def on_validation_epoch_start(self) -> None:
+        self.overlay_cases = {}
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_dice("val", self.val_dice)
+
+    def _log_dice(self, stage: str, metrics: nn.ModuleDict) -> dict[str, float]:
+        values = {}
+        for modality, metric in metrics.items():
+            if metric.update_count == 0:  # no volume of this modality (sanity check, limit_val_batches)
+                continue
+            dice = metric.compute().float()
+            metric.reset()
+            for name, value in zip(CLASSES, dice, strict=True):
+                values[f"{stage}/dice_{modality}_{name}"] = torch.nan_to_num(value, nan=0.0)
+        if not values:
+            return {}
+        values[f"{stage}/dice_mean"] = torch.stack(list(values.values())).mean()
+        # already reduced across ranks by torchmetrics: no sync_dist here
+        self.log_dict(values, prog_bar=stage == "val")
+        return {k: float(v) for k, v in values.items()}
+
+    # --------------------------------------------------------------------------------------------- test
+    def on_test_epoch_start(self) -> None:
+        self._test_rows = []
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        from aqcf.evaluation.metrics import evaluate_case
+
+        modality, prediction, label = self._evaluate_volume(batch, "test")
+        if prediction is None:
+            return
+        spacing = tuple(float(s) for s in batch.get("spacing", [[1.0, 1.0, 1.0]])[0])
+        self._test_rows += evaluate_case(
+            prediction[0, 0].cpu().numpy(),
+            label[0, 0].cpu().numpy(),
+            spacing=spacing,
+            case=batch["id"][0],
+            modality=modality,
+        )
+
+    def on_test_epoch_end(self) -> None:
+        from aqcf.evaluation.evaluate import write_results
+
+        self._log_dice("test", self.test_dice)
+        rows = self._test_rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[list[dict]] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        if self.trainer.is_global_zero and rows:
+            out = Path(self.test_output or os.path.join(self.trainer.default_root_dir, "test"))
+            write_results(rows, out, overwrite=True, info={"checkpoint": self.trainer.ckpt_path})
+
+    # -------------------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameters())
+        scheduler = self.scheduler_factory(optimizer)
+        config = {"scheduler": scheduler, "interval": "epoch", "frequency": 1}
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            config["monitor"] = MONITOR
+            config["strict"] = False  # no validation this epoch (limit_val_batches=0): skip the step
+        return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _pooled_dice() -> DiceScore:
+    # Dice pooled over all volumes (sum of intersections over sum of sizes) per class: a tumor-free case
+    # then counts through its false positives instead of adding a 0-or-1 term to a per-case mean.
+    return DiceScore(
+        num_classes=len(CLASSES),
+        include_background=True,
+        average="none",
+        aggregation_level="global",
+        input_format="one-hot",
+    )
+
+
+def _batch_dice(logits: Tensor, label: Tensor) -> Tensor:
+    """Pooled Dice of the batch per class (liver, tumor); classes absent from both sides are skipped."""
+    pred = class_masks(logits.argmax(dim=1))
+    ref = class_masks(label.long())
+    dims = (0, 2, 3, 4)
+    intersection = (pred & ref).sum(dims).float()
+    total = pred.sum(dims).float() + ref.sum(dims).float()
+    present = total > 0
+    return (2 * intersection[present] / total[present]) if present.any() else torch.ones(1, device=logits.device)
+
+
+def _cli_given_hyperparameters() -> bool:
+    """True while LightningCLI instantiates the module with the config as its hyper-parameters."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without it: modules are then saved as weights only
+        return False
+    return _given_hyperparameters.get() is not None

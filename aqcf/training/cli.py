@@ -1,0 +1,167 @@
+"""``aqcf fit|validate|test|predict``: LightningCLI over :class:`SegmentationModule` and the unpaired data.
+
+Defaults added here so every config gets them: a checkpoint callback (best by mean validation Dice and
+``last.ckpt`` in ``<default_root_dir>/checkpoints``), validation overlay pictures, the learning-rate
+monitor, atomic checkpoint writes, and a W&B fallback to offline mode when no API key is configured.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from aqcf.data.datamodule import UnpairedDataModule
+from aqcf.errors import AqcfError
+from aqcf.models.segmentation import MONITOR, SegmentationModule
+from aqcf.training.callbacks import ValidationOverlays
+from aqcf.training.checkpoint_io import AtomicCheckpointIO
+
+__all__ = ["AqcfCLI", "run_lightning", "ensure_wandb_mode"]
+
+WANDB_HELP = (
+    "W&B: no API key found (WANDB_API_KEY, `wandb login`) and WANDB_MODE is not set: logging offline "
+    "to the run folder; upload later with `wandb sync`, or set WANDB_MODE=disabled to turn W&B off"
+)
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def ensure_wandb_mode() -> str | None:
+    """Switch W&B to offline mode, with a message, when it has no API key and no WANDB_MODE.
+
+    Without a key W&B would otherwise stop the run at ``wandb.init``. Returns the mode it set, or None.
+    """
+    if os.environ.get("WANDB_MODE") or _has_wandb_key():
+        return None
+    print(f"aqcf: {WANDB_HELP}", file=sys.stderr)
+    os.environ["WANDB_MODE"] = "offline"
+    return "offline"
+
+
+class _Parser(LightningArgumentParser):
+    """Bad arguments end with one line, ``aqcf: error: ...``, and exit code 2."""
+
+    def error(self, message: str, *args, **kwargs):  # noqa: D401 - argparse's signature
+        first = " ".join(line.strip() for line in str(message).strip().splitlines()[:3])
+        print(f"aqcf: error: {first}  (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+class AqcfCLI(LightningCLI):
+    def init_parser(self, **kwargs) -> LightningArgumentParser:
+        kwargs.setdefault("dump_header", ["aqcf"])
+        parser = _Parser(**kwargs)
+        parser.add_argument("-c", "--config", action="config", help="path to a YAML config (may repeat: later files override)")
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": MONITOR,
+                "checkpoint.mode": "max",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(ValidationOverlays, "overlays")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
+        parser.link_arguments("data.patch_size", "model.init_args.patch_size" if self.subclass_mode_model else "model.patch_size")
+        parser.add_argument(
+            "--run_name",
+            type=str | None,
+            default=None,
+            help="experiment name; the run folder defaults to runs/<run_name>/fold<k> (run_name defaults to the "
+            "last --config file's name)",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="fit: start afresh even if the run folder already holds checkpoints (they are replaced)",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_name = config.run_name or _config_stem(config) or "aqcf"
+        config.run_name = run_name
+        if config.trainer.default_root_dir is None:
+            config.trainer.default_root_dir = str(Path("runs") / run_name / f"fold{config.data.fold}")
+        root = config.trainer.default_root_dir
+        _place_loggers(config.trainer.logger, root, run_name, config.data.fold)
+        if config.checkpoint.dirpath is None:
+            config.checkpoint.dirpath = str(Path(root) / "checkpoints")
+        if "wandb" in str(config.trainer.logger).lower():
+            ensure_wandb_mode()
+        if self.subcommand == "fit" and config.get("ckpt_path") is None and not config.get("overwrite"):
+            existing = sorted(Path(config.checkpoint.dirpath).glob("*.ckpt"))
+            if existing:
+                raise AqcfError(
+                    f"{config.checkpoint.dirpath} already holds checkpoints ({existing[0].name}, ...): resume with "
+                    "--ckpt_path last, start afresh with --overwrite true, or choose another --trainer.default_root_dir"
+                )
+        ckpt = config.get("ckpt_path")
+        if ckpt not in (None, "last", "best", "hpc", "registry") and not Path(ckpt).is_file():
+            raise AqcfError(f"{ckpt}: checkpoint not found")
+        if ckpt == "last" and not (Path(config.checkpoint.dirpath) / "last.ckpt").is_file():
+            raise AqcfError(f"{Path(config.checkpoint.dirpath) / 'last.ckpt'}: no checkpoint to resume from")
+
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        strategy = trainer.strategy
+        if type(strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
+            strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
+
+
+def _config_stem(config) -> str | None:
+    files = config.get("config") or []
+    files = [f for f in files if f is not None]
+    return Path(str(files[-1])).stem if files else None
+
+
+def _place_loggers(loggers, root: str, run_name: str, fold: int) -> None:
+    """Loggers whose save_dir is unset or "." write into the run folder; W&B runs are named and grouped."""
+    if not isinstance(loggers, list):
+        loggers = [loggers]
+    for logger in loggers:
+        init_args = getattr(logger, "init_args", None)
+        if init_args is None:
+            continue
+        if init_args.get("save_dir") in (None, ".", ""):
+            init_args.save_dir = root
+        if "wandb" in str(logger.class_path).lower():
+            if init_args.get("name") is None:
+                init_args.name = f"{run_name}-fold{fold}"
+            # W&B groups the folds of one experiment on the dashboard
+            kwargs = dict(logger.get("dict_kwargs") or {})
+            kwargs.setdefault("group", run_name)
+            logger.dict_kwargs = kwargs
+
+
+def run_lightning(argv: list[str]) -> int:
+    """Entry for ``aqcf fit|validate|test|predict ...``."""
+    AqcfCLI(
+        SegmentationModule,
+        UnpairedDataModule,
+        # from the console script argv is sys.argv[1:]: let LightningCLI read it there (no warning)
+        args=None if argv == sys.argv[1:] else argv,
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+    )
+    return 0
