@@ -141,10 +141,7 @@ def _conv_rows() -> list[dict]:
         ("nn.Conv3d forward", t_r, "ms", note),
         ("quaternion / real time", t_q / t_r, "ratio", "weight assembly (eq. 2) is the only extra work"),
     ]
-    return [
-        {"benchmark": "model", "case": case, "metric": m, "value": v, "unit": u, "note": n}
-        for m, v, u, n in rows
-    ]
+    return [{"benchmark": "model", "case": case, "metric": m, "value": v, "unit": u, "note": n} for m, v, u, n in rows]
 
 
 def run(quick: bool = False) -> list[dict]:

@@ -85,9 +85,7 @@ def mri_encoder_gradient(net):
     logits_ct, _ = net(patch(), patch())
     target = torch.randint(0, 3, (1, *SMALL_PATCH))
     torch.nn.functional.cross_entropy(logits_ct, target).backward()
-    grads = [p.grad for p in net.encoders["mri"].parameters()] + [
-        p.grad for p in net.stems["mri"].parameters()
-    ]
+    grads = [p.grad for p in net.encoders["mri"].parameters()] + [p.grad for p in net.stems["mri"].parameters()]
     return sum(0.0 if g is None else g.abs().sum().item() for g in grads)
 
 

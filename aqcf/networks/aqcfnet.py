@@ -184,9 +184,7 @@ class AQCFNet(nn.Module):
         super().__init__()
         widths = tuple(widths)
         if len(widths) < 3 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
-            raise AqcfError(
-                f"widths={widths}: expected at least 3 positive integers (stem, stage 1.., bottleneck)"
-            )
+            raise AqcfError(f"widths={widths}: expected at least 3 positive integers (stem, stage 1.., bottleneck)")
         if in_channels < 1 or num_classes < 1:
             raise AqcfError(f"in_channels={in_channels}, num_classes={num_classes}: both must be >= 1")
         if bottleneck not in BOTTLENECKS:
@@ -237,9 +235,7 @@ class AQCFNet(nn.Module):
             )
 
         self.bottleneck = (
-            make_bottleneck()
-            if bottleneck == SHARED
-            else nn.ModuleDict({m: make_bottleneck() for m in MODALITIES})
+            make_bottleneck() if bottleneck == SHARED else nn.ModuleDict({m: make_bottleneck() for m in MODALITIES})
         )
         self.decoders = nn.ModuleDict(
             {m: Decoder(levels[:-1], bottom, algebra, self.attention_gates, slope) for m in MODALITIES}
@@ -253,9 +249,7 @@ class AQCFNet(nn.Module):
 
     def _check_input(self, x: Tensor, name: str) -> None:
         if x.ndim != 2 + _SPATIAL_NDIM or x.shape[1] != self.in_channels:
-            raise AqcfError(
-                f"{name} input has shape {tuple(x.shape)}: expected (B, {self.in_channels}, X, Y, Z)"
-            )
+            raise AqcfError(f"{name} input has shape {tuple(x.shape)}: expected (B, {self.in_channels}, X, Y, Z)")
         bad = [s for s in x.shape[2:] if s % self.divisor]
         if bad:
             raise AqcfError(

@@ -67,9 +67,7 @@ def make_conv(
     """
     if check_algebra(algebra) == QUATERNION:
         return QuaternionConv3d(in_channels, out_channels, kernel_size, stride=stride, bias=bias)
-    conv = nn.Conv3d(
-        in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias
-    )
+    conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
     return _he_init_real(conv, negative_slope)
 
 

@@ -73,15 +73,11 @@ class CrossModalTransfer(nn.Module):
         self.qconv_v = make_conv(algebra, channels, channels, 1, bias=False)
         if self.gate_mode == ADAPTIVE:
             hidden = max(1, 2 * channels // gate_reduction)
-            self.mlp = nn.Sequential(
-                nn.Linear(2 * channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1)
-            )
+            self.mlp = nn.Sequential(nn.Linear(2 * channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, 1))
         else:
             self.mlp = None
         # QConv_out: 3x3x3 quaternion conv block from concat[F, λ C_raw] (8C real) back to 4C
-        self.qconv_out = ConvNormAct(
-            2 * channels, channels, 3, algebra=algebra, negative_slope=negative_slope
-        )
+        self.qconv_out = ConvNormAct(2 * channels, channels, 3, algebra=algebra, negative_slope=negative_slope)
 
     def compute_context(self, f_query: Tensor, f_key_val: Tensor) -> Tensor:
         """Algorithm 1 lines 3-9 (eqs. 4-6): ``C_raw = softmax(Q ⊙ K, channel) ⊙ V``.

@@ -112,9 +112,7 @@ def _triple(value: int | Sequence[int]) -> tuple[int, int, int]:
 
 
 @torch.no_grad()
-def quaternion_init_(
-    components: Sequence[Tensor], fan_in: float, fan_out: float, criterion: str = "he"
-) -> None:
+def quaternion_init_(components: Sequence[Tensor], fan_in: float, fan_out: float, criterion: str = "he") -> None:
     """Fill four sub-kernels in place with the quaternion initialisation of Parcollet et al. (2019).
 
     Each weight quaternion is ``|w| (cos θ + u sin θ)`` with modulus ``|w| ~ chi(4)`` of scale
@@ -181,9 +179,7 @@ class _QuaternionConvBase(nn.Module):
 
     def reset_parameters(self) -> None:
         fan_in, fan_out = self._fans()
-        quaternion_init_(
-            (self.r_weight, self.i_weight, self.j_weight, self.k_weight), fan_in, fan_out, self.init
-        )
+        quaternion_init_((self.r_weight, self.i_weight, self.j_weight, self.k_weight), fan_in, fan_out, self.init)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
