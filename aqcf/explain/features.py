@@ -1,0 +1,212 @@
+"""Feature maps at key stages of the network (paper section 4.3, Figure 8).
+
+Forward hooks record a layer's output on the unimodal path (eq. 17); a channel summary turns the
+(B, 4C, ...) quaternion feature tensor into one map per sample:
+
+* ``"mean_abs"`` (default): the mean absolute activation over all real channels, i.e. how strongly
+  the stage responds at each voxel, whatever the channel;
+* ``"pca"``: the projection on the first principal component of the channels (over the voxels of the
+  sample), the single direction along which the features vary most. Its sign is arbitrary; it is
+  chosen so that the map correlates positively with ``mean_abs``.
+
+Either map is scaled to [0, 1] per sample and upsampled trilinearly to the input grid for display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from aqcf.constants import check_modality
+from aqcf.errors import AqcfError
+from aqcf.explain.saliency import available_layers, check_layer, display_slice, normalise_maps
+
+__all__ = [
+    "MEAN_ABS",
+    "PCA",
+    "SUMMARIES",
+    "feature_layers",
+    "capture_features",
+    "summarise_channels",
+    "feature_maps",
+    "plot_feature_maps",
+]
+
+MEAN_ABS = "mean_abs"
+PCA = "pca"
+SUMMARIES = (MEAN_ABS, PCA)
+HEAT_CMAP = "viridis"
+PANEL_INCHES = 2.0
+DPI = 100
+
+
+def feature_layers(network: nn.Module, modality: str) -> dict[str, str]:
+    """Figure 8's columns: an early encoder stage, a middle one and the (shared) bottleneck.
+
+    Returns:
+        ``{column title: layer name}``: stage 1 (the first downsampling stage, ``encoders.M.0``), stage
+        ``ceil(n / 2)`` of ``n`` (``encoders.M.1`` for the paper's four) and the bottleneck.
+    """
+    names = available_layers(network, modality)
+    m = check_modality(modality)
+    stages = [n for n in names if n.startswith(f"encoders.{m}.")]
+    middle = (len(stages) + 1) // 2
+    bottleneck = next(n for n in names if n.startswith("bottleneck"))
+    shared = "shared bottleneck" if bottleneck == "bottleneck" else f"{m.upper()} bottleneck"
+    return {
+        "early encoder (stage 1)": stages[0],
+        f"middle encoder (stage {middle})": stages[middle - 1],
+        shared: bottleneck,
+    }
+
+
+def capture_features(network: nn.Module, x: Tensor, modality: str, layers: Sequence[str]) -> dict[str, Tensor]:
+    """Outputs of ``layers`` in one unimodal forward pass (``forward_single``, no gradients).
+
+    Args:
+        network: an :class:`~aqcf.networks.aqcfnet.AQCFNet`.
+        x: (B, 1, X, Y, Z) preprocessed input.
+        modality: its modality.
+        layers: layer names (:func:`~aqcf.explain.saliency.available_layers`).
+
+    Returns:
+        ``{layer: (B, C, X', Y', Z') tensor}``, detached.
+    """
+    modules = dict(network.named_modules())
+    names = [check_layer(network, modality, layer) for layer in layers]
+    captured: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def record(_module, _inputs, output):
+            captured[name] = output.detach()
+
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in names]
+    try:
+        with torch.no_grad():
+            network.forward_single(x, modality)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def summarise_channels(features: Tensor, method: str = MEAN_ABS) -> Tensor:
+    """One map per sample from a feature tensor, scaled to [0, 1].
+
+    Args:
+        features: (B, C, X, Y, Z).
+        method: ``"mean_abs"`` or ``"pca"`` (see the module docstring).
+
+    Returns:
+        (B, 1, X, Y, Z) float32 in [0, 1].
+    """
+    if method not in SUMMARIES:
+        raise AqcfError(f"feature summary {method!r}: expected one of {SUMMARIES}")
+    features = features.detach().float()
+    magnitude = features.abs().mean(dim=1, keepdim=True)
+    if method == MEAN_ABS:
+        return normalise_maps(magnitude)
+    maps = []
+    for sample, strength in zip(features, magnitude, strict=True):
+        flat = sample.flatten(1)  # (C, N)
+        centred = flat - flat.mean(dim=1, keepdim=True)
+        # C x C covariance: cheaper than an SVD of the N x C matrix, N being the voxel count
+        _, vectors = torch.linalg.eigh(centred @ centred.T)
+        projection = vectors[:, -1] @ centred
+        if torch.dot(projection - projection.mean(), strength.flatten() - strength.mean()) < 0:
+            projection = -projection
+        maps.append(projection.view(1, *sample.shape[1:]))
+    return normalise_maps(torch.stack(maps))
+
+
+def feature_maps(
+    network: nn.Module,
+    x: Tensor,
+    modality: str,
+    layers: Mapping[str, str] | None = None,
+    method: str = MEAN_ABS,
+) -> dict[str, Tensor]:
+    """Channel-summarised feature maps on the input grid, one per layer.
+
+    Args:
+        network: an :class:`~aqcf.networks.aqcfnet.AQCFNet`.
+        x: (B, 1, X, Y, Z) preprocessed input.
+        modality: its modality.
+        layers: ``{title: layer}``; default :func:`feature_layers`.
+        method: channel summary, ``"mean_abs"`` or ``"pca"``.
+
+    Returns:
+        ``{title: (B, X, Y, Z) float32 in [0, 1]}`` upsampled trilinearly to ``x``'s grid.
+    """
+    layers = dict(layers or feature_layers(network, modality))
+    raw = capture_features(network, x, modality, list(layers.values()))
+    size = tuple(x.shape[2:])
+    out = {}
+    for title, layer in layers.items():
+        summary = summarise_channels(raw[layer], method)
+        if tuple(summary.shape[2:]) != size:
+            summary = normalise_maps(F.interpolate(summary, size=size, mode="trilinear", align_corners=False))
+        out[title] = summary[:, 0]
+    return out
+
+
+def plot_feature_maps(rows: Sequence[Mapping[str, object]], title: str | None = None) -> Figure:
+    """Figure 8: per row the image, the ground truth and the feature maps of one case, on one axial slice.
+
+    Args:
+        rows: one mapping per case with ``"name"`` (row label), ``"image"`` (X, Y) slice in [0, 1],
+            ``"label"`` (X, Y) labels, ``"maps"`` ``{title: (X, Y) in [0, 1]}`` (the same titles in every
+            row), ``"orientation"`` (axis codes, e.g. ``"RAS"``) and ``"spacing"`` (mm, for the pixel
+            aspect).
+        title: optional figure title.
+
+    Returns:
+        A matplotlib figure on an Agg canvas.
+    """
+    from aqcf.visualize import overlay
+
+    if not rows:
+        raise AqcfError("feature-map figure: no case to draw")
+    map_titles = list(rows[0]["maps"])
+    columns = ["image", "ground truth", *map_titles]
+    first = np.asarray(rows[0]["image"])
+    fig = Figure(
+        figsize=(PANEL_INCHES * len(columns), PANEL_INCHES * len(rows) * first.shape[1] / first.shape[0] + 0.6),
+        dpi=DPI,
+    )
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for r, row in enumerate(rows):
+        orientation = str(row["orientation"])
+        spacing = row.get("spacing")
+        aspect = 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
+        image = np.asarray(row["image"], dtype=np.float64)
+        panels = [
+            (display_slice(image, orientation), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}),
+            (overlay(image, np.asarray(row["label"]), window=(0.0, 1.0), orientation=orientation), {}),
+        ]
+        panels += [
+            (display_slice(np.asarray(row["maps"][t]), orientation), {"cmap": HEAT_CMAP, "vmin": 0.0, "vmax": 1.0})
+            for t in map_titles
+        ]
+        for c, (shown, style) in enumerate(panels):
+            ax = axes[r, c]
+            ax.imshow(shown, aspect=aspect, interpolation="nearest", **style)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(columns[c], fontsize=8)
+            if c == 0:
+                ax.set_ylabel(str(row["name"]), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.95 if title else 1))
+    return fig

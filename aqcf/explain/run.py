@@ -1,0 +1,518 @@
+"""``aqcf explain``: the model-dependent explainability analysis (paper sections 4.3 and 4.4.2).
+
+For a trained checkpoint and held-out cases of CT, MRI or both, it writes into ``--out``:
+
+* ``saliency.csv``: per case and method (Grad-CAM, Grad-CAM++) the Saliency-IoU, the boundary-band
+  coverage and the pointing game of the tumor-class saliency against the ground-truth tumor
+  (:mod:`aqcf.explain.metrics`; NaN for a case without tumor);
+* ``summary.json`` and ``summary.md``: mean ± SD over the cases with tumor, per modality and method;
+* ``saliency.png`` (Figure 7): image, ground truth and heat maps for a few cases of each modality;
+* ``feature_maps.png`` (Figure 8): image, ground truth and channel-summarised feature maps of an early
+  and a middle encoder stage and the shared bottleneck, for a few cases of each modality;
+* ``gates.md``, ``gates.csv``, ``gates.png`` (Table 6): λ per encoder stage and direction, from joint
+  passes on real CT-MRI window pairs (only when both modalities are analysed).
+
+Which cases: without ``--ct-data`` / ``--mri-data`` (or ``--data``), the checkpoint's own run: the
+data module's test cases (the external test cohorts of the run's config, else its fold's validation
+cases), preprocessed into the run's cache. With them, every case of the given cohorts, preprocessed
+with the checkpoint's settings.
+
+Each case is analysed on one window of the training patch size centred on its largest tumor
+(:func:`aqcf.explain.saliency.extract_window`), or with ``--whole-volume`` on the whole preprocessed
+volume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import inspect
+import io
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aqcf.constants import CT, LABEL, MODALITIES, MRI
+from aqcf.errors import AqcfError
+from aqcf.explain.metrics import METRIC_NAMES
+
+__all__ = [
+    "SALIENCY_CSV",
+    "SUMMARY_JSON",
+    "SUMMARY_MD",
+    "SALIENCY_PNG",
+    "FEATURES_PNG",
+    "GATE_FILES",
+    "OUTPUT_FILES",
+    "DEFAULT_FORMATS",
+    "CaseData",
+    "load_network",
+    "checkpoint_cases",
+    "cohort_cases",
+    "resolve_layers",
+    "pair_cases",
+    "main",
+]
+
+SALIENCY_CSV = "saliency.csv"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+SALIENCY_PNG = "saliency.png"
+FEATURES_PNG = "feature_maps.png"
+GATE_FILES = ("gates.md", "gates.csv", "gates.png")
+OUTPUT_FILES = (SALIENCY_CSV, SUMMARY_JSON, SUMMARY_MD, SALIENCY_PNG, FEATURES_PNG, *GATE_FILES)
+DEFAULT_FORMATS = {CT: "lits", MRI: "atlas"}
+FIGURE_ORDER = (MRI, CT)  # the paper's figures show MRI rows above CT rows
+METRIC_LABELS = {
+    "saliency_iou": "Saliency-IoU",
+    "band_coverage": "Boundary band ({band} mm)",
+    "pointing_game": "Pointing game",
+}
+CSV_FIELDS = (
+    "case",
+    "modality",
+    "method",
+    "layer",
+    "has_tumor",
+    "tumor_voxels",
+    *METRIC_NAMES,
+    "score_region",
+    "region_voxels",
+    "window_centred_on",
+    "window_start",
+    "window_size",
+)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def load_network(ckpt: str | Path, device: str = "cpu"):
+    """Rebuild the network of a checkpoint written by ``aqcf fit``.
+
+    Args:
+        ckpt: the ``.ckpt`` file.
+        device: where to put the network.
+
+    Returns:
+        ``(network, patch_size, datamodule_hparams)``: the network in eval mode, the training patch
+        (X, Y, Z) and the data module's hyper-parameters (an empty dict if the checkpoint has none).
+    """
+    import torch
+
+    from aqcf.models.segmentation import SegmentationModule
+
+    path = Path(ckpt)
+    if not path.is_file():
+        raise AqcfError(f"{path}: checkpoint not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        module = SegmentationModule.load_from_checkpoint(path, map_location="cpu")
+    except Exception as err:  # torch and Lightning raise many types for a file they cannot use
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise AqcfError(f"{path}: cannot rebuild the network from this checkpoint ({message})") from err
+    network = module.network.to(device).eval()
+    hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    return network, tuple(module.patch_size), hparams
+
+
+@dataclass(frozen=True)
+class CaseData:
+    """A preprocessed case: ``id``, ``modality``, ``image`` and ``label`` NIfTI paths, voxel size in mm,
+    axis codes and whether it has tumor (None: unknown until loaded)."""
+
+    id: str
+    modality: str
+    image: str
+    label: str
+    spacing: tuple[float, float, float]
+    orientation: str
+    has_tumor: bool | None
+
+    @classmethod
+    def from_entry(cls, entry: Mapping) -> CaseData:
+        """From a preprocessing-cache manifest entry (:func:`aqcf.data.preprocess.preprocess_case`)."""
+        if not entry.get(LABEL):
+            raise AqcfError(f"{entry.get('source_image', entry['id'])}: no label; saliency scores need the tumor mask")
+        return cls(
+            id=str(entry["id"]),
+            modality=str(entry["modality"]),
+            image=str(entry["image"]),
+            label=str(entry[LABEL]),
+            spacing=tuple(float(s) for s in entry["preprocessed_spacing"]),
+            orientation=str(entry.get("preprocessed_orientation", "RAS")),
+            has_tumor=entry.get("has_tumor"),
+        )
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(image float32 (X, Y, Z) in [0, 1], label uint8 (X, Y, Z))``."""
+        import nibabel as nib
+
+        image = np.asarray(nib.load(self.image).dataobj, dtype=np.float32)
+        label = np.asarray(nib.load(self.label).dataobj).astype(np.uint8)
+        return image, label
+
+
+def checkpoint_cases(hparams: Mapping, progress: bool = True) -> dict[str, list[CaseData]]:
+    """The test cases of the checkpoint's own run: its data module's ``test_entries`` per modality.
+
+    Those are the external test cohorts where the run's config names them, else the fold's validation
+    cases; the run's preprocessing cache is reused (or rebuilt with the same settings).
+    """
+    from aqcf.data.datamodule import UnpairedDataModule
+
+    if not hparams:
+        raise AqcfError("the checkpoint holds no data settings: give the cohorts with --ct-data / --mri-data")
+    accepted = inspect.signature(UnpairedDataModule.__init__).parameters
+    kwargs = {key: value for key, value in hparams.items() if key in accepted}
+    kwargs["progress"] = progress
+    datamodule = UnpairedDataModule(**kwargs)
+    datamodule.setup("test")
+    return {m: [CaseData.from_entry(e) for e in datamodule.test_entries[m]] for m in datamodule.modalities}
+
+
+def cohort_cases(
+    root: str | Path, data_format: str, modality: str, hparams: Mapping, cache: str | Path, progress: bool = True
+) -> list[CaseData]:
+    """Every case of a cohort folder, preprocessed with the checkpoint's settings into ``cache``."""
+    from aqcf.data.cohorts import read_cohort
+    from aqcf.data.datamodule import preprocess_settings_from_hparams
+    from aqcf.data.preprocess import preprocess_cohort
+
+    settings = preprocess_settings_from_hparams(hparams, modality)
+    cases = read_cohort(root, data_format, modality)
+    manifest = preprocess_cohort(
+        cases, settings, cache, name=f"{modality}-{data_format.lower()}", progress=progress
+    )
+    return [CaseData.from_entry(e) for e in manifest.entries]
+
+
+def resolve_layers(network, modalities: Sequence[str], layers: Sequence[str]) -> dict[str, str]:
+    """The explained layer of each modality: a ``--layer`` on its path, else the default.
+
+    A name that lies on one stream's path (``decoders.ct.stages.2``) sets that stream's layer; a shared
+    one (``bottleneck``) sets both.
+
+    Raises:
+        AqcfError: a name on no analysed stream's path, or two names for one stream (one line naming the
+            available layers).
+    """
+    from aqcf.explain.saliency import available_layers, check_layer
+
+    chosen: dict[str, str] = {}
+    for layer in layers:
+        matched = []
+        for m in modalities:
+            try:
+                matched.append((m, check_layer(network, m, layer)))
+            except AqcfError:
+                continue
+        if not matched:
+            listing = "; ".join(f"{m}: {', '.join(available_layers(network, m))}" for m in modalities)
+            raise AqcfError(f"layer {layer!r} is not on an analysed stream's path; available layers: {listing}")
+        for m, name in matched:
+            if m in chosen and chosen[m] != name:
+                raise AqcfError(f"two layers for the {m} stream: {chosen[m]!r} and {name!r}; give one per stream")
+            chosen[m] = name
+    return {m: chosen.get(m) or check_layer(network, m, None) for m in modalities}
+
+
+def pair_cases(ct: Sequence, mri: Sequence) -> list[tuple]:
+    """CT-MRI pairs for the gate statistics: the i-th CT case with the i-th MRI case, the shorter list
+    cycled, so every case of both cohorts enters at least once (``max(len(ct), len(mri))`` pairs)."""
+    if not ct or not mri:
+        return []
+    return [(ct[i % len(ct)], mri[i % len(mri)]) for i in range(max(len(ct), len(mri)))]
+
+
+def _figure_ids(cases: Sequence[CaseData], count: int) -> list[str]:
+    """The first ``count`` cases with tumor, topped up with tumor-free ones."""
+    with_tumor = [c.id for c in cases if c.has_tumor is not False]
+    without = [c.id for c in cases if c.has_tumor is False]
+    return (with_tumor + without)[:count]
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+def _fmt(value: float, digits: int = 3) -> str:
+    return "nan" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _csv_text(rows: Sequence[Mapping]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _no_nan(value):
+    """JSON-safe copy: NaN becomes null (strict JSON has no NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _no_nan(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_no_nan(v) for v in value]
+    return value
+
+
+def _summary_markdown(summary: Mapping, band_mm: float) -> str:
+    from aqcf.explain.saliency import METHOD_LABELS
+
+    lines = [
+        "# Saliency localisation of the tumor class (mean ± SD over cases with tumor)",
+        "",
+        f"Layers: {', '.join(f'{m.upper()} `{layer}`' for m, layer in summary['layers'].items())}. "
+        f"Window: {summary['window']}. Score: {summary['score']}.",
+        "",
+        "| Modality | Method | " + " | ".join(METRIC_LABELS[k].format(band=f"{band_mm:g}") for k in METRIC_NAMES)
+        + " | n |",
+        "|---|---|" + "---|" * (len(METRIC_NAMES) + 1),
+    ]
+    for method, groups in summary["saliency"].items():
+        for group, metrics in groups.items():
+            cells = []
+            for key in METRIC_NAMES:
+                stats = metrics[key]
+                if not stats["n"]:
+                    cells.append("—")
+                elif stats["n"] < 2:  # one case: no SD
+                    cells.append(_fmt(stats["mean"]))
+                else:
+                    cells.append(f"{_fmt(stats['mean'])} ± {_fmt(stats['sd'])}")
+            n = max(metrics[key]["n"] for key in METRIC_NAMES)
+            lines.append(f"| {group.upper() if group != 'all' else 'all'} | {METHOD_LABELS[method]} | "
+                         + " | ".join(cells) + f" | {n} |")
+    gates = summary.get("gates")
+    lines += ["", f"Gates (Table 6): {'see gates.md' if gates and gates.get('pairs') else gates.get('skipped')}", ""]
+    return "\n".join(lines)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise AqcfError(f"{out}: exists and is not a folder")
+    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
+    if existing and not overwrite:
+        raise AqcfError(f"{out}: already holds results ({', '.join(existing)}); pass --overwrite to replace them")
+
+
+# -------------------------------------------------------------------------------------------------- run
+def _parser() -> argparse.ArgumentParser:
+    from aqcf.explain.features import SUMMARIES
+    from aqcf.explain.saliency import METHODS, SCORE_REGIONS
+
+    p = argparse.ArgumentParser(
+        prog="aqcf explain",
+        description="Grad-CAM / Grad-CAM++ saliency of the tumor class with localisation scores (Saliency-IoU, "
+        "boundary band, pointing game), feature maps, and the adaptive gate statistics of a trained checkpoint. "
+        "Without --ct-data/--mri-data/--data it analyses the checkpoint's own test (held-out) cases.",
+    )
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `aqcf fit` (runs/.../best.ckpt)")
+    p.add_argument("--out", required=True, help="output folder")
+    for m in MODALITIES:
+        p.add_argument(f"--{m}-data", metavar="ROOT", help=f"{m.upper()} cohort folder (every case is analysed)")
+        p.add_argument(f"--{m}-format", metavar="FMT", help=f"layout of --{m}-data (default {DEFAULT_FORMATS[m]})")
+    p.add_argument("--data", metavar="ROOT", help="one cohort folder; with --format and --modality")
+    p.add_argument("--format", dest="data_format", metavar="FMT", help="layout of --data: lits, atlas, nnunet, ...")
+    p.add_argument("--modality", choices=MODALITIES, help="modality of --data")
+    p.add_argument("--cache", help="preprocessing cache for --*-data (default: the run's cache folder, else ./cache)")
+    p.add_argument("--cases", type=int, metavar="N", help="analyse the first N cases of each modality (default all)")
+    p.add_argument("--method", choices=[*METHODS, "both"], default="both", help="saliency method (default both)")
+    p.add_argument(
+        "--layer",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="explained layer (repeat once per stream, e.g. decoders.mri.stages.2; `bottleneck` sets both); "
+        "default: the last decoder stage of each stream",
+    )
+    p.add_argument(
+        "--region",
+        choices=SCORE_REGIONS,
+        default=SCORE_REGIONS[0],
+        help="tumor score = mean tumor logit over the predicted tumor voxels (default) or the whole window",
+    )
+    p.add_argument("--whole-volume", action="store_true", help="saliency on the whole preprocessed volume")
+    p.add_argument("--band-mm", type=float, default=3.0, help="boundary band half-width in mm (default 3)")
+    p.add_argument("--figure-cases", type=int, default=2, metavar="K", help="cases per modality in the figures")
+    p.add_argument("--feature-summary", choices=SUMMARIES, default=SUMMARIES[0], help="channel summary of feature maps")
+    p.add_argument("--no-gates", action="store_true", help="skip the gate statistics")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _cohort_requests(args) -> dict[str, tuple[str, str]]:
+    requests = {}
+    for m in MODALITIES:
+        root = getattr(args, f"{m}_data")
+        if root:
+            requests[m] = (root, getattr(args, f"{m}_format") or DEFAULT_FORMATS[m])
+        elif getattr(args, f"{m}_format"):
+            raise AqcfError(f"--{m}-format without --{m}-data")
+    if args.data or args.data_format or args.modality:
+        if not (args.data and args.modality):
+            raise AqcfError("--data needs --modality (and --format unless it is the modality's default)")
+        if args.modality in requests:
+            raise AqcfError(f"--data --modality {args.modality} and --{args.modality}-data both given")
+        requests[args.modality] = (args.data, args.data_format or DEFAULT_FORMATS[args.modality])
+    return requests
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aqcf explain``: returns the exit code."""
+    args = _parser().parse_args(argv)
+    import torch
+    from tqdm.auto import tqdm
+
+    from aqcf.evaluation.evaluate import write_text_atomic
+    from aqcf.explain.features import feature_maps, plot_feature_maps
+    from aqcf.explain.gates import GateRecorder, plot_gates, write_gate_table
+    from aqcf.explain.metrics import saliency_metrics, summarise_saliency
+    from aqcf.explain.saliency import (
+        METHOD_LABELS,
+        METHODS,
+        TUMOR_CLASS,
+        TumorSaliency,
+        extract_window,
+        plot_saliency,
+    )
+    from aqcf.visualize import pick_slices, save_figure
+
+    out = Path(args.out)
+    _check_out(out, args.overwrite)
+    if args.cases is not None and args.cases < 1:
+        raise AqcfError(f"--cases {args.cases}: need a positive number")
+    if args.figure_cases < 0 or args.band_mm <= 0:
+        raise AqcfError("--figure-cases must be >= 0 and --band-mm > 0")
+    requests = _cohort_requests(args)
+    progress = not args.no_progress
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    methods = METHODS if args.method == "both" else (args.method,)
+
+    network, patch_size, hparams = load_network(args.ckpt, device)
+    planned = [m for m in MODALITIES if (m in requests if requests else hparams.get(f"{m}_root"))]
+    layers = resolve_layers(network, planned or MODALITIES, args.layer)  # before any preprocessing: fail fast
+    if requests:
+        cache = args.cache or hparams.get("cache_dir") or "cache"
+        cases = {m: cohort_cases(root, fmt, m, hparams, cache, progress) for m, (root, fmt) in requests.items()}
+    else:
+        cases = checkpoint_cases(hparams, progress)
+    cases = {m: cases[m][: args.cases] for m in MODALITIES if cases.get(m)}
+    if not cases:
+        raise AqcfError("no case to analyse")
+    window_size = None if args.whole_volume else patch_size
+
+    rows: list[dict] = []
+    saliency_panels: dict[str, list[dict]] = {m: [] for m in cases}
+    feature_panels: dict[str, list[dict]] = {m: [] for m in cases}
+    bar = tqdm(total=sum(len(c) for c in cases.values()), desc="explain", unit="case", disable=not progress)
+    for m, modality_cases in cases.items():
+        shown = set(_figure_ids(modality_cases, args.figure_cases))
+        with TumorSaliency(network, m, layers[m], region=args.region) as explain:
+            for case in modality_cases:
+                image, label = case.load()
+                image_w, label_w, window = extract_window(image, label, window_size, network.divisor)
+                x = torch.from_numpy(np.ascontiguousarray(image_w))[None, None].to(device)
+                tumor = label_w == TUMOR_CLASS
+                maps = {}
+                for method in methods:
+                    saliency = explain(x, method)[0].cpu().numpy()
+                    maps[METHOD_LABELS[method]] = saliency
+                    fallback = bool(explain.score.last_fallback[0])
+                    rows.append(
+                        {
+                            "case": case.id,
+                            "modality": m,
+                            "method": method,
+                            "layer": explain.layer,
+                            "has_tumor": int(bool(tumor.any())),
+                            "tumor_voxels": int(tumor.sum()),
+                            **saliency_metrics(saliency, tumor, case.spacing, band_mm=args.band_mm),
+                            "score_region": "volume (no predicted tumor)" if fallback else args.region,
+                            "region_voxels": int(explain.score.last_region_voxels[0]),
+                            "window_centred_on": window.centred_on,
+                            "window_start": " ".join(map(str, window.start)),
+                            "window_size": " ".join(map(str, window.size)),
+                        }
+                    )
+                if case.id in shown:
+                    z = pick_slices(label_w, 1)[0]
+                    panel = {
+                        "name": f"{m.upper()} {case.id}",
+                        "image": image_w[:, :, z],
+                        "label": label_w[:, :, z],
+                        "orientation": case.orientation,
+                        "spacing": case.spacing,
+                    }
+                    saliency_panels[m].append({**panel, "maps": {k: v[:, :, z] for k, v in maps.items()}})
+                    features = feature_maps(network, x, m, method=args.feature_summary)
+                    feature_panels[m].append(
+                        {**panel, "maps": {k: v[0, :, :, z].cpu().numpy() for k, v in features.items()}}
+                    )
+                bar.update(1)
+    bar.close()
+
+    # Table 6: joint passes on real CT and MRI windows (the gates need both streams)
+    gates: dict = {"pairs": 0}
+    pairs = pair_cases(cases.get(CT, []), cases.get(MRI, []))
+    if args.no_gates:
+        gates["skipped"] = "--no-gates"
+    elif not pairs:
+        gates["skipped"] = "the gates need both CT and MRI cases"
+    elif not getattr(network, "cross_fusion", True):
+        gates["skipped"] = "the network has no cross-fusion blocks"
+    else:
+        recorder = GateRecorder()
+        with torch.no_grad():
+            for ct_case, mri_case in tqdm(pairs, desc="gates", unit="pair", disable=not progress):
+                windows = [extract_window(*c.load(), patch_size, network.divisor)[0] for c in (ct_case, mri_case)]
+                ct_x, mri_x = (torch.from_numpy(np.ascontiguousarray(w))[None, None].to(device) for w in windows)
+                network(ct_x, mri_x)
+                recorder.update(network.last_gates)
+        gate_rows = recorder.table()
+        write_gate_table(gate_rows, out)
+        plot_gates(recorder, out / "gates.png", title=f"Adaptive gates λ over {len(pairs)} CT-MRI window pairs")
+        gates.update(pairs=len(pairs), pairing="i-th CT case with i-th MRI case, shorter list cycled",
+                     rows=[row._asdict() for row in gate_rows])
+
+    summary = {
+        "checkpoint": str(Path(args.ckpt).resolve()),
+        "layers": {m: layers[m] for m in cases},
+        "methods": list(methods),
+        "window": "whole preprocessed volume" if window_size is None
+        else f"{'×'.join(map(str, window_size))} voxels centred on the largest tumor",
+        "score": f"mean tumor logit over the {'predicted tumor voxels' if args.region == 'predicted' else 'window'}",
+        "band_mm": args.band_mm,
+        "cases": {m: len(c) for m, c in cases.items()},
+        "saliency": {
+            method: summarise_saliency([r for r in rows if r["method"] == method]) for method in methods
+        },
+        "gates": gates,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    write_text_atomic(out / SALIENCY_CSV, _csv_text(rows))
+    write_text_atomic(out / SUMMARY_JSON, json.dumps(_no_nan(summary), indent=2, allow_nan=False) + "\n")
+    markdown = _summary_markdown(summary, args.band_mm)
+    write_text_atomic(out / SUMMARY_MD, markdown)
+    written += [SALIENCY_CSV, SUMMARY_JSON, SUMMARY_MD]
+    ordered = [m for m in FIGURE_ORDER if m in cases]
+    saliency_rows = [row for m in ordered for row in saliency_panels[m]]
+    if saliency_rows:
+        save_figure(plot_saliency(saliency_rows, title="Tumor-class saliency"), out / SALIENCY_PNG)
+        feature_rows = [row for m in ordered for row in feature_panels[m]]
+        save_figure(plot_feature_maps(feature_rows, title="Feature maps"), out / FEATURES_PNG)
+        written += [SALIENCY_PNG, FEATURES_PNG]
+    if gates["pairs"]:
+        written += list(GATE_FILES)
+    for name in OUTPUT_FILES:  # with --overwrite, results of an earlier run this one did not redo
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
+    print(markdown)
+    print(f"wrote {', '.join(str(out / name) for name in written)}", file=sys.stderr)
+    return 0
