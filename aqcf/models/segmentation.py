@@ -233,6 +233,27 @@ class SegmentationModule(L.LightningModule):
             out = Path(self.test_output or os.path.join(self.trainer.default_root_dir, "test"))
             write_results(rows, out, overwrite=True, info={"checkpoint": self.trainer.ckpt_path})
 
+    # ------------------------------------------------------------------------------------------ predict
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        """``aqcf predict``: the label map of one whole volume on its preprocessed grid (deployed path).
+
+        Returns:
+            ``{"id", "modality", "record", "labels"}`` with ``labels`` a uint8 CPU tensor (X, Y, Z) and
+            ``record`` the case's manifest entry (from the predict loader), or None for a modality this
+            model does not serve. :class:`aqcf.inference.writer.PredictionMaskWriter` maps the labels back
+            onto the source scan and writes them.
+        """
+        modality = check_modality(batch["modality"][0])
+        if modality not in self.modalities:
+            return None
+        logits = self.predict_volume(batch[IMAGE], modality)
+        return {
+            "id": batch["id"][0],
+            "modality": modality,
+            "record": batch.get("record", [None])[0],
+            "labels": logits.argmax(dim=1)[0].to(torch.uint8).cpu(),
+        }
+
     # -------------------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())

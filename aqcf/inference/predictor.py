@@ -1,0 +1,392 @@
+"""Inference with a trained checkpoint: one scan in, a label map in the scan's own geometry out.
+
+:meth:`Predictor.from_checkpoint` rebuilds everything from the checkpoint alone: the network (the
+LightningModule's hyper-parameters are the training config, so ``load_from_checkpoint`` instantiates it),
+each modality's preprocessing (from ``datamodule_hyper_parameters``: orientation, window, spacing,
+padding), the modalities it was trained on, and the sliding-window settings it was validated with
+(window = the training patch, overlap, blending, windows per batch), any of which may be overridden.
+
+One scan goes: :func:`aqcf.data.preprocess.preprocess_image` (reorient, crop to the body, resample, window,
+pad) -> MONAI ``sliding_window_inference`` over ``network.forward_single(x, modality)`` (eq. 17: the absent
+stream is zero-filled) with optional flip test-time augmentation -> argmax ->
+:func:`aqcf.data.preprocess.restore_to_original` (nearest neighbour back onto the original voxel grid).
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from aqcf.constants import MODALITIES, check_modality
+from aqcf.data.preprocess import PreprocessSettings, preprocess_image, restore_to_original
+from aqcf.errors import AqcfError
+
+__all__ = [
+    "DEVICES",
+    "PRECISIONS",
+    "BLEND_MODES",
+    "TTA_AXES",
+    "WindowSettings",
+    "Segmentation",
+    "Predictor",
+    "resolve_device",
+    "flip_averaged",
+    "sliding_window_logits",
+    "argmax_labels",
+    "load_checkpoint_info",
+]
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+BLEND_MODES = ("gaussian", "constant")
+#: spatial dimensions of a (B, C, X, Y, Z) tensor: the flips of test-time augmentation
+TTA_AXES = (2, 3, 4)
+# slices per argmax chunk: an int64 argmax of a whole volume would cost 8 bytes per voxel at once
+_ARGMAX_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    """Sliding-window inference settings (MONAI ``sliding_window_inference``).
+
+    Attributes:
+        roi_size: window (X, Y, Z) in voxels of the preprocessed grid; each axis divisible by the
+            network's downsampling factor (16 for four halvings).
+        overlap: fraction of a window shared with its neighbour along each axis, in [0, 1) (paper: 0.8).
+        batch_size: windows per forward pass.
+        mode: blending of overlapping windows: ``"gaussian"`` (weights fall off toward the window's
+            border, sigma = 0.125 × window) or ``"constant"`` (plain average).
+        stitch_on_cpu: stitch the whole-volume logits in CPU memory while windows run on the GPU, so a
+            large volume needs GPU memory for one window batch only.
+    """
+
+    roi_size: tuple[int, int, int] = (256, 256, 16)
+    overlap: float = 0.8
+    batch_size: int = 4
+    mode: str = "gaussian"
+    stitch_on_cpu: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "roi_size", tuple(int(n) for n in self.roi_size))
+        if len(self.roi_size) != 3 or min(self.roi_size) < 1:
+            raise AqcfError(f"window size {self.roi_size}: need three positive sizes in voxels")
+        if not 0.0 <= float(self.overlap) < 1.0:
+            raise AqcfError(f"overlap {self.overlap}: need a value in [0, 1)")
+        if int(self.batch_size) < 1:
+            raise AqcfError(f"window batch size {self.batch_size}: need a positive integer")
+        if self.mode not in BLEND_MODES:
+            raise AqcfError(f"blend mode {self.mode!r}: need one of {BLEND_MODES}")
+
+
+@dataclass
+class Segmentation:
+    """The result for one scan.
+
+    Attributes:
+        labels: uint8 (X, Y, Z) labels 0/1/2 on the scan's own voxel grid (shape of the input).
+        record: the preprocessing record (both grids' shapes and affines, crop box).
+        seconds: wall time per stage: ``preprocess``, ``inference``, ``restore``.
+    """
+
+    labels: np.ndarray
+    record: dict
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` -> CUDA if available else CPU; ``"cuda"`` without a GPU is an error."""
+    if name not in DEVICES:
+        raise AqcfError(f"device {name!r}: need one of {DEVICES}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise AqcfError("device 'cuda': no CUDA GPU is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def flip_averaged(predictor: Callable[[Tensor], Tensor], axes: Sequence[int] = TTA_AXES) -> Callable:
+    """Test-time augmentation by mirroring: average the logits over every subset of flipped ``axes``.
+
+    Each flipped window's output is flipped back before averaging (nnU-Net's mirroring: 2**len(axes)
+    passes, 8 for three axes).
+    """
+    subsets = [dims for r in range(len(axes) + 1) for dims in itertools.combinations(axes, r)]
+
+    def averaged(x: Tensor) -> Tensor:
+        total = predictor(x)
+        for dims in subsets[1:]:
+            total = total + torch.flip(predictor(torch.flip(x, dims)), dims)
+        return total / len(subsets)
+
+    return averaged
+
+
+def _autocast(predictor: Callable, device_type: str, dtype: torch.dtype) -> Callable:
+    def cast(x: Tensor) -> Tensor:
+        with torch.autocast(device_type=device_type, dtype=dtype):
+            out = predictor(x)
+        # blending in float32: the stitched sums of many low-precision windows would lose digits
+        return out.float()
+
+    return cast
+
+
+def sliding_window_logits(
+    network: nn.Module,
+    image: Tensor,
+    modality: str,
+    window: WindowSettings,
+    device: torch.device | str = "cpu",
+    tta: bool = False,
+    precision: str = "32",
+) -> Tensor:
+    """Whole-volume logits of one modality by sliding-window inference on the unimodal path (eq. 17).
+
+    Args:
+        network: provides ``forward_single(x, modality)`` (:class:`aqcf.networks.aqcfnet.AQCFNet`).
+        image: preprocessed (B, 1, X, Y, Z) float in [0, 1]; volumes smaller than the window are
+            zero-padded by MONAI and cropped back.
+        modality: ``"ct"`` or ``"mri"``.
+        window: the sliding-window settings.
+        device: where windows are computed (the network must be there already).
+        tta: average over mirrored copies (:func:`flip_averaged`, 8× the windows' cost).
+        precision: ``"32"``, ``"bf16"`` or ``"16"`` (autocast of the network; stitching stays float32).
+
+    Returns:
+        float32 logits (B, C, X, Y, Z), on the CPU when ``window.stitch_on_cpu`` else on ``device``.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise AqcfError(f"precision {precision!r}: need one of {tuple(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise AqcfError("precision '16' needs a CUDA device; use 'bf16' or '32' on the CPU")
+    predictor = functools.partial(network.forward_single, modality=check_modality(modality))
+    if dtype is not None:
+        predictor = _autocast(predictor, device.type, dtype)
+    if tta:
+        predictor = flip_averaged(predictor)
+    stitch = torch.device("cpu") if window.stitch_on_cpu else device
+    return sliding_window_inference(
+        image.to(stitch),
+        roi_size=window.roi_size,
+        sw_batch_size=window.batch_size,
+        predictor=predictor,
+        overlap=window.overlap,
+        mode=window.mode,
+        sw_device=device,
+        device=stitch,
+    )
+
+
+def argmax_labels(logits: Tensor) -> Tensor:
+    """Class index per voxel of (1, C, X, Y, Z) logits as a uint8 CPU tensor (X, Y, Z), slab by slab."""
+    chunks = [
+        logits[0, ..., start : start + _ARGMAX_CHUNK].argmax(dim=0).to(torch.uint8).cpu()
+        for start in range(0, logits.shape[-1], _ARGMAX_CHUNK)
+    ]
+    return torch.cat(chunks, dim=-1)
+
+
+def load_checkpoint_info(path: str | Path) -> dict:
+    """The checkpoint's hyper-parameters, without its weights.
+
+    Returns:
+        ``{"hyper_parameters": dict, "datamodule_hyper_parameters": dict | None}``.
+
+    Raises:
+        AqcfError: the file is missing or is not a Lightning checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AqcfError(f"{path}: checkpoint not found")
+    try:
+        # memory-mapped: the weights are not read here (the checkpoint is the user's own pickle)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise AqcfError(f"{path}: not a readable checkpoint ({_first_line(err)})") from err
+    if not isinstance(checkpoint, Mapping) or "hyper_parameters" not in checkpoint:
+        raise AqcfError(f"{path}: not a checkpoint written by `aqcf fit` (no hyper_parameters)")
+    return {
+        "hyper_parameters": dict(checkpoint["hyper_parameters"]),
+        "datamodule_hyper_parameters": checkpoint.get("datamodule_hyper_parameters"),
+    }
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+class Predictor:
+    """A network with the preprocessing and sliding-window settings it was trained and validated with.
+
+    Args:
+        network: a module with ``forward_single(x, modality)``; put in eval mode and moved to ``device``.
+        preprocessing: modality -> its :class:`PreprocessSettings`; the keys are the modalities served.
+        window: the sliding-window settings.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"`` (or a ``torch.device``).
+        precision: ``"32"``, ``"bf16"`` or ``"16"``.
+        tta: mirror test-time augmentation (:func:`flip_averaged`).
+        source: where the network came from (the checkpoint path), for messages and records.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        preprocessing: Mapping[str, PreprocessSettings],
+        window: WindowSettings,
+        device: str | torch.device = "auto",
+        precision: str = "32",
+        tta: bool = False,
+        source: str | None = None,
+    ) -> None:
+        if precision not in PRECISIONS:
+            raise AqcfError(f"precision {precision!r}: need one of {tuple(PRECISIONS)}")
+        self.device = device if isinstance(device, torch.device) else resolve_device(device)
+        self.network = network.to(self.device).eval()
+        self.preprocessing = dict(preprocessing)
+        self.window = window
+        self.precision = precision
+        self.tta = bool(tta)
+        self.source = source or type(network).__name__
+        divisor = int(getattr(network, "divisor", 1))
+        if any(n % divisor for n in window.roi_size):
+            raise AqcfError(
+                f"window size {window.roi_size}: every axis must be divisible by {divisor} (the network's "
+                "downsampling factor)"
+            )
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The modalities this predictor serves, CT first."""
+        return tuple(m for m in MODALITIES if m in self.preprocessing)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        precision: str = "32",
+        tta: bool = False,
+        roi_size: Sequence[int] | None = None,
+        overlap: float | None = None,
+        batch_size: int | None = None,
+        mode: str | None = None,
+        stitch_on_cpu: bool = False,
+    ) -> Predictor:
+        """Rebuild a predictor from a checkpoint written by ``aqcf fit``.
+
+        The window size, overlap, blend mode and window batch size default to the checkpoint's own
+        (``model.patch_size``, ``model.sw_overlap``, ``model.sw_mode``, ``model.sw_batch_size``: 256×256×16,
+        0.8, Gaussian and 4 in ``configs/lits_atlas.yaml``); ``None`` keeps them.
+
+        Raises:
+            AqcfError: missing or unreadable checkpoint, or one without the data module's settings.
+        """
+        from aqcf.data.datamodule import preprocess_settings_from_hparams
+        from aqcf.models.segmentation import SegmentationModule
+
+        path = Path(path)
+        info = load_checkpoint_info(path)
+        data_hparams = info["datamodule_hyper_parameters"]
+        if not data_hparams:
+            raise AqcfError(
+                f"{path}: the checkpoint holds no data module settings (datamodule_hyper_parameters), so its "
+                "preprocessing is unknown; use a checkpoint written by `aqcf fit`"
+            )
+        try:
+            module = SegmentationModule.load_from_checkpoint(path, map_location="cpu")
+        except Exception as err:  # a foreign or damaged checkpoint fails in many ways
+            raise AqcfError(f"{path}: cannot rebuild the model from this checkpoint ({_first_line(err)})") from err
+        served = tuple(getattr(module, "modalities", MODALITIES))
+        # a modality trained on: served by the network and given a cohort (a unimodal run sets the other root null)
+        trained = [m for m in served if data_hparams.get(f"{m}_root", m) is not None]
+        preprocessing = {m: preprocess_settings_from_hparams(data_hparams, m) for m in trained}
+        window = WindowSettings(
+            roi_size=tuple(roi_size) if roi_size is not None else module.patch_size,
+            overlap=module.sw_overlap if overlap is None else overlap,
+            batch_size=module.sw_batch_size if batch_size is None else batch_size,
+            mode=module.sw_mode if mode is None else mode,
+            stitch_on_cpu=stitch_on_cpu,
+        )
+        return cls(module.network, preprocessing, window, device, precision, tta, source=str(path))
+
+    def check_modality(self, modality: str) -> str:
+        """``modality`` lower-cased, or :class:`AqcfError` if the model was not trained on it."""
+        modality = check_modality(modality)
+        if modality not in self.preprocessing:
+            trained = " and ".join(m.upper() for m in self.modalities) or "no modality"
+            raise AqcfError(
+                f"{self.source}: trained on {trained} only; it cannot segment {modality.upper()} scans"
+            )
+        return modality
+
+    def settings(self) -> dict:
+        """JSON-able description of how scans are segmented (written beside each mask)."""
+        return {
+            "checkpoint": self.source,
+            "window": list(self.window.roi_size),
+            **{k: v for k, v in asdict(self.window).items() if k != "roi_size"},
+            "tta": self.tta,
+            "device": str(self.device),
+            "precision": self.precision,
+        }
+
+    def with_window(self, **changes) -> Predictor:
+        """A predictor sharing this network with some window settings changed (e.g. ``overlap=0.5``)."""
+        other = object.__new__(type(self))
+        other.__dict__.update(self.__dict__)
+        other.window = replace(self.window, **changes)
+        return other
+
+    @torch.inference_mode()
+    def labels_on_grid(self, image: Tensor, modality: str) -> Tensor:
+        """Labels of one preprocessed volume.
+
+        Args:
+            image: (1, X, Y, Z) float in [0, 1] (the output of :func:`preprocess_image`).
+            modality: ``"ct"`` or ``"mri"``.
+
+        Returns:
+            uint8 CPU tensor (X, Y, Z) with values 0/1/2 on the preprocessed grid.
+        """
+        modality = self.check_modality(modality)
+        logits = sliding_window_logits(
+            self.network, image[None].float(), modality, self.window, self.device, self.tta, self.precision
+        )
+        return argmax_labels(logits)
+
+    def segment_file(self, path: str | Path, modality: str) -> Segmentation:
+        """Segment one scan file (NIfTI) into labels on its own voxel grid.
+
+        Args:
+            path: the scan (HU for CT).
+            modality: ``"ct"`` or ``"mri"``; must be one the model was trained on.
+
+        Returns:
+            The :class:`Segmentation`: labels of exactly the scan's shape, in its stored axis order.
+
+        Raises:
+            AqcfError: an untrained modality, or an unreadable scan (the message names the file).
+        """
+        modality = self.check_modality(modality)
+        start = time.perf_counter()
+        image, record = preprocess_image(path, self.preprocessing[modality])
+        preprocessed = time.perf_counter()
+        labels = self.labels_on_grid(image, modality)
+        inferred = time.perf_counter()
+        restored = restore_to_original(labels.numpy(), record)
+        done = time.perf_counter()
+        seconds = {"preprocess": preprocessed - start, "inference": inferred - preprocessed, "restore": done - inferred}
+        return Segmentation(labels=restored, record=record, seconds=seconds)

@@ -1,0 +1,344 @@
+"""``aqcf segment INPUT... --modality ct|mri --ckpt CKPT --out DIR``: masks and clinical measures.
+
+Each INPUT is a NIfTI scan, a folder of NIfTI scans, or a DICOM series folder. For every scan this
+writes, into ``--out`` (names from the scan's stem, ``volume-3.nii.gz`` -> ``volume-3``; a DICOM folder's
+stem is its name):
+
+* ``<stem><suffix>.nii.gz``: uint8 labels 0 background, 1 liver, 2 tumor, with exactly the scan's shape,
+  affine and header geometry (qform/sform), so it overlays the scan in any viewer;
+* ``<stem><suffix>.json``: the clinical measures (:func:`aqcf.inference.measures.scan_measures`), the
+  settings used and the timings;
+* with ``--png``, ``<stem><suffix>.png``: axial overlays (liver red, tumor blue).
+
+``suffix`` defaults to ``_seg``. All files are written atomically; existing ones are kept unless
+``--overwrite`` (checked for every scan before any work starts). One line per scan is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from aqcf.constants import MODALITIES
+from aqcf.errors import AqcfError
+
+__all__ = [
+    "NIFTI_SUFFIXES",
+    "DEFAULT_SUFFIX",
+    "Scan",
+    "find_scans",
+    "output_paths",
+    "write_mask",
+    "segment_scans",
+    "main",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+DEFAULT_SUFFIX = "_seg"
+DICOM, NIFTI = "dicom", "nifti"
+# the scan and the record the preprocessing read may disagree this much (mm) before we warn
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass(frozen=True)
+class Scan:
+    """One scan to segment: ``name`` (the output stem), ``source`` (file or DICOM folder), ``kind``."""
+
+    name: str
+    source: Path
+    kind: str
+
+
+def _stem(path: Path) -> str:
+    for suffix in NIFTI_SUFFIXES:
+        if path.name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return path.name
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+
+
+def find_scans(inputs: Sequence[str | Path]) -> list[Scan]:
+    """Expand the command line's inputs into scans.
+
+    A NIfTI file is one scan; a folder holding NIfTI files gives each of them (sorted by name, numbers by
+    value); a folder holding DICOM files and no NIfTI file is one DICOM series.
+
+    Raises:
+        AqcfError: a missing input, a file that is not NIfTI, a folder with neither, or two scans with
+            the same stem (their outputs would collide).
+    """
+    from aqcf.data.cohorts import natural_key
+    from aqcf.inference.dicom import is_dicom_folder
+
+    scans: list[Scan] = []
+    for given in inputs:
+        path = Path(given)
+        if path.is_file():
+            if not _is_nifti(path):
+                raise AqcfError(f"{path}: not a NIfTI file (.nii, .nii.gz); give a DICOM series as its folder")
+            scans.append(Scan(_stem(path), path, NIFTI))
+        elif path.is_dir():
+            files = [p for p in path.iterdir() if p.is_file() and _is_nifti(p)]
+            files.sort(key=lambda p: natural_key(p.name))
+            if files:
+                scans += [Scan(_stem(p), p, NIFTI) for p in files]
+            elif is_dicom_folder(path):
+                scans.append(Scan(path.resolve().name, path, DICOM))
+            else:
+                raise AqcfError(f"{path}: holds neither NIfTI files (.nii, .nii.gz) nor DICOM files")
+        else:
+            raise AqcfError(f"{path}: no such file or folder")
+    seen: dict[str, Path] = {}
+    for scan in scans:
+        if scan.name in seen:
+            raise AqcfError(
+                f"{scan.source} and {seen[scan.name]} have the same name {scan.name!r}: their outputs would collide"
+            )
+        seen[scan.name] = scan.source
+    return scans
+
+
+def output_paths(scan: Scan, out_dir: str | Path, suffix: str = DEFAULT_SUFFIX, png: bool = False) -> dict[str, Path]:
+    """``{"mask": .nii.gz, "json": .json[, "png": .png]}`` paths of one scan's outputs."""
+    base = Path(out_dir) / f"{scan.name}{suffix}"
+    paths = {"mask": base.with_name(base.name + ".nii.gz"), "json": base.with_name(base.name + ".json")}
+    if png:
+        paths["png"] = base.with_name(base.name + ".png")
+    return paths
+
+
+def _check_outputs(scans: Sequence[Scan], out_dir: Path, suffix: str, png: bool, overwrite: bool) -> None:
+    sources = {scan.source.resolve() for scan in scans}
+    for scan in scans:
+        for path in output_paths(scan, out_dir, suffix, png).values():
+            if path.resolve() in sources:
+                raise AqcfError(f"{path}: an output would replace an input scan; choose another --out or --suffix")
+            if path.exists() and not overwrite:
+                raise AqcfError(f"{path}: already exists (use --overwrite to replace it)")
+
+
+def write_mask(path: str | Path, labels: np.ndarray, reference: nib.spatialimages.SpatialImage) -> Path:
+    """Write uint8 ``labels`` atomically with the geometry (affine, qform/sform codes) of ``reference``.
+
+    Args:
+        path: destination ``.nii.gz`` (or ``.nii``).
+        labels: (X, Y, Z) labels with the reference's spatial shape.
+        reference: the scan the labels belong to (its header is copied, data type and scaling reset).
+    """
+    path = Path(path)
+    if tuple(labels.shape) != tuple(reference.shape[:3]):
+        raise AqcfError(f"{path}: labels of shape {labels.shape} do not match the scan's {reference.shape[:3]}")
+    header = reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    image = type(reference)(np.asarray(labels, dtype=np.uint8), reference.affine, header=header)
+    # labels are stored as they are: no intensity scaling inherited from the scan
+    image.header.set_slope_inter(1.0, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextlib.contextmanager
+def _opened(scan: Scan) -> Iterator[tuple[Path, nib.spatialimages.SpatialImage]]:
+    """The scan as ``(NIfTI path, nibabel image)``; a DICOM series is converted in a temporary folder."""
+    if scan.kind == NIFTI:
+        try:
+            image = nib.load(os.fspath(scan.source))
+        except Exception as err:  # nibabel raises many types for a damaged file
+            raise AqcfError(f"{scan.source}: unreadable NIfTI file ({str(err).strip().splitlines()[0]})") from err
+        yield scan.source, image
+        return
+    from aqcf.inference.dicom import dicom_series_to_nifti
+
+    with tempfile.TemporaryDirectory(prefix="aqcf-dicom-") as tmp:
+        path = Path(tmp) / f"{scan.name}.nii.gz"
+        yield path, dicom_series_to_nifti(scan.source, path)
+
+
+def _overlay(path: Path, reference, labels: np.ndarray, title: str) -> None:
+    from aqcf.visualize import save_overlay_png
+
+    # closest canonical (RAS) axes: what the radiological display convention expects
+    image = nib.as_closest_canonical(reference)
+    mask = nib.as_closest_canonical(nib.Nifti1Image(labels, reference.affine))
+    save_overlay_png(
+        path,
+        np.asarray(image.dataobj, dtype=np.float32),
+        {"prediction": np.asarray(mask.dataobj)},
+        title=title,
+        orientation="RAS",
+        spacing=image.header.get_zooms()[:3],
+    )
+
+
+def _json_text(data: dict) -> str:
+    return json.dumps(data, indent=1, allow_nan=False) + "\n"
+
+
+def segment_scans(
+    scans: Sequence[Scan],
+    predictor,
+    modality: str,
+    out_dir: str | Path,
+    suffix: str = DEFAULT_SUFFIX,
+    overwrite: bool = False,
+    png: bool = False,
+    progress: bool = True,
+) -> list[dict]:
+    """Segment each scan, write its mask, measures JSON and (optionally) overlay, print one line each.
+
+    Args:
+        scans: from :func:`find_scans`.
+        predictor: an :class:`aqcf.inference.predictor.Predictor`.
+        modality: ``"ct"`` or ``"mri"`` (one for all scans).
+        out_dir: output folder (created).
+        suffix: appended to each scan's stem in the output names.
+        overwrite: replace existing outputs; otherwise any existing one is an error before work starts.
+        png: also write an overlay PNG per scan.
+        progress: show a progress bar over scans.
+
+    Returns:
+        The JSON records written, one per scan.
+    """
+    from tqdm.auto import tqdm
+
+    from aqcf.evaluation.evaluate import write_text_atomic
+    from aqcf.inference.measures import format_measures, scan_measures
+
+    modality = predictor.check_modality(modality)
+    out_dir = Path(out_dir)
+    _check_outputs(scans, out_dir, suffix, png, overwrite)
+    records = []
+    for scan in tqdm(scans, desc="aqcf segment", unit="scan", disable=not progress, file=sys.stderr):
+        start = time.perf_counter()
+        paths = output_paths(scan, out_dir, suffix, png)
+        with _opened(scan) as (nifti, reference):
+            result = predictor.segment_file(nifti, modality)
+            if not np.allclose(result.record["original_affine"], reference.affine, atol=AFFINE_TOLERANCE_MM):
+                warnings.warn(
+                    f"{scan.source}: the affine read for preprocessing differs from the NIfTI header's "
+                    "(sform with shear?); the mask is written with the header's",
+                    stacklevel=2,
+                )
+            write_mask(paths["mask"], result.labels, reference)
+            measures = scan_measures(result.labels, reference.affine)
+            if png:
+                _overlay(paths["png"], reference, result.labels, f"{scan.name} ({modality.upper()})")
+        seconds = {**result.seconds, "total": time.perf_counter() - start}
+        record = {
+            "input": str(scan.source),
+            "input_kind": scan.kind,
+            "mask": str(paths["mask"]),
+            "modality": modality,
+            "shape": [int(n) for n in result.labels.shape],
+            "spacing_mm": [float(s) for s in np.linalg.norm(np.asarray(reference.affine)[:3, :3], axis=0)],
+            **measures,
+            "inference": predictor.settings(),
+            "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        }
+        write_text_atomic(paths["json"], _json_text(record))
+        tqdm.write(f"{scan.name}: {format_measures(measures)} -> {paths['mask']}", file=sys.stdout)
+        records.append(record)
+    return records
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments end with one line, ``aqcf: error: ...``, and exit code 2."""
+
+    def error(self, message: str):
+        print(f"aqcf: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="aqcf segment",
+        description="Segment liver and liver tumors in CT or MRI scans with a trained checkpoint. Applies the "
+        "checkpoint's own preprocessing and sliding-window settings, runs the unimodal path (the other stream "
+        "zero-filled), writes <stem>_seg.nii.gz (uint8: 0 background, 1 liver, 2 tumor) in each scan's exact "
+        "geometry and <stem>_seg.json with liver/tumor volumes (mL), tumor count (26-connected components) and "
+        "largest tumor diameter (mm). See docs/inference.md.",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="NIfTI file, folder of NIfTI files, or DICOM series folder"
+    )
+    p.add_argument("--modality", required=True, choices=MODALITIES, help="modality of every input")
+    p.add_argument(
+        "--ckpt", required=True, help="checkpoint written by `aqcf fit` (e.g. runs/NAME/fold0/checkpoints/best.ckpt)"
+    )
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--suffix", default=DEFAULT_SUFFIX, help="appended to each scan's stem in the output names "
+                   f"(default {DEFAULT_SUFFIX!r}; '' gives <stem>.nii.gz, the names `aqcf evaluate` matches)")
+    p.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the checkpoint's, 0.8 "
+                   "in the paper config)")
+    p.add_argument("--window", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                   help="sliding window in voxels of the preprocessed grid (default: the training patch)")
+    p.add_argument("--blend", choices=("gaussian", "constant"), help="blending of overlapping windows "
+                   "(default: the checkpoint's, gaussian)")
+    p.add_argument("--sw-batch-size", type=int, help="windows per forward pass (default: the checkpoint's)")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation: average over the 8 flips of "
+                   "the three axes (8x slower)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: CUDA if available")
+    p.add_argument("--stitch-on-cpu", action="store_true", help="keep the stitched volume in CPU memory (windows "
+                   "still run on the GPU): large volumes then need GPU memory for one window batch only")
+    p.add_argument("--precision", default="32", choices=("32", "bf16", "16"), help="network precision (autocast; "
+                   "16 needs CUDA); default 32")
+    p.add_argument("--png", action="store_true", help="also write <stem>_seg.png: axial overlays")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aqcf segment``: returns the exit code."""
+    args = _parser().parse_args(argv)
+    from aqcf.inference.predictor import Predictor, load_checkpoint_info
+
+    load_checkpoint_info(args.ckpt)  # a missing or foreign checkpoint fails before the inputs are read
+    scans = find_scans(args.inputs)
+    _check_outputs(scans, Path(args.out), args.suffix, args.png, args.overwrite)
+    predictor = Predictor.from_checkpoint(
+        args.ckpt,
+        device=args.device,
+        precision=args.precision,
+        tta=args.tta,
+        roi_size=args.window,
+        overlap=args.overlap,
+        batch_size=args.sw_batch_size,
+        mode=args.blend,
+        stitch_on_cpu=args.stitch_on_cpu,
+    )
+    segment_scans(
+        scans,
+        predictor,
+        args.modality,
+        args.out,
+        suffix=args.suffix,
+        overwrite=args.overwrite,
+        png=args.png,
+        progress=not args.no_progress,
+    )
+    return 0
