@@ -76,6 +76,8 @@ class AqcfCLI(LightningCLI):
                 "checkpoint.save_top_k": 1,
                 "checkpoint.filename": "best",
                 "checkpoint.auto_insert_metric_name": False,
+                # always best.ckpt / last.ckpt: fit refuses a folder holding checkpoints unless resuming
+                "checkpoint.enable_version_counter": False,
             }
         )
         parser.add_lightning_class_args(ValidationOverlays, "overlays")
