@@ -40,3 +40,52 @@ bench: venv  ## benchmarks -> benchmarks/results.json and benchmarks/results.md
 
 clean:  ## remove the venv and generated outputs
 	rm -rf $(VENV) runs demo_out .pytest_cache
+
+# ---------------------------------------------- ablations (Table 7) and baselines (section 4.1.3)
+ABLATIONS ?= no_adaptive_gate no_cross_fusion no_quaternion no_shared_bottleneck no_attention_gates
+BASELINES ?= unimodal_ct unimodal_mri nnunet_ct nnunet_mri nnunet_joint \
+	attention_unet_ct attention_unet_mri attention_unet_joint unetr_ct unetr_mri unetr_joint \
+	swin_unetr_ct swin_unetr_mri swin_unetr_joint
+TEST_CKPT ?= best
+STEM = $(basename $(notdir $(CONFIG)))
+# the report reads the folds of FOLDS only (single-digit fold numbers), so every row averages the same folds
+REPORT_FOLDS = fold[$(FOLDS)]
+
+# Shell loop: fit and test run $(1) (configs $(2) layered on CONFIG) on each fold of FOLDS, in
+# RUNS/$(1)/fold<k>. A fold whose test/summary.json is newer than its last.ckpt is done and skipped; a
+# fold holding checkpoints/last.ckpt resumes from it. The test uses checkpoints/$(TEST_CKPT).ckpt.
+cv_run = for k in $(FOLDS); do \
+	  root="$(RUNS)/$(1)/fold$$k"; ckpts="$$root/checkpoints"; \
+	  if [ -f "$$root/test/summary.json" ] && [ "$$root/test/summary.json" -nt "$$ckpts/last.ckpt" ]; then \
+	    echo "== $(1) fold $$k: done ($$root/test/summary.json)"; continue; fi; \
+	  args="--config $(CONFIG) $(2) --run_name $(1) --data.fold $$k --trainer.default_root_dir $$root"; \
+	  resume=""; if [ -f "$$ckpts/last.ckpt" ]; then resume="--ckpt_path last"; fi; \
+	  echo "== $(1) fold $$k: $(AQCF) fit $$args $$resume"; \
+	  $(AQCF) fit $$args $$resume; \
+	  ckpt="$$ckpts/$(TEST_CKPT).ckpt"; if [ ! -f "$$ckpt" ]; then ckpt="$$ckpts/last.ckpt"; fi; \
+	  echo "== $(1) fold $$k: $(AQCF) test $$args --ckpt_path $$ckpt"; \
+	  $(AQCF) test $$args --ckpt_path "$$ckpt"; \
+	done
+
+.PHONY: ablations baselines
+
+ablations: venv  ## Table 7: full model + ablations on FOLDS -> RUNS/ablations_report/<config>/
+	@set -e; \
+	$(call cv_run,$(STEM),); \
+	for a in $(ABLATIONS); do $(call cv_run,$(STEM)-$$a,--config configs/ablations/$$a.yaml); done; \
+	$(AQCF) report full_model=$(RUNS)/$(STEM) $(foreach a,$(ABLATIONS),$(a)=$(RUNS)/$(STEM)-$(a)) \
+	  --baseline full_model --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/ablations_report/$(STEM)
+
+# A baseline <family>_<ct|mri|joint> also gets BASELINE_SIZES/<family>.yaml where present: the sizes (patch,
+# img_size, ...) of the networks that depend on the patch, for a base config other than the paper's.
+BASELINE_SIZES ?= configs/baselines/$(STEM)
+
+baselines: venv  ## full model + baselines on FOLDS -> RUNS/baselines_report/<config>/
+	@set -e; \
+	$(call cv_run,$(STEM),); \
+	for b in $(BASELINES); do \
+	  sizes="$(BASELINE_SIZES)/$${b%_*}.yaml"; extra=""; if [ -f "$$sizes" ]; then extra="--config $$sizes"; fi; \
+	  $(call cv_run,$(STEM)-$$b,--config configs/baselines/$$b.yaml $$extra); \
+	done; \
+	$(AQCF) report full_model=$(RUNS)/$(STEM) $(foreach b,$(BASELINES),$(b)=$(RUNS)/$(STEM)-$(b)) \
+	  --baseline full_model --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/baselines_report/$(STEM)
