@@ -32,8 +32,13 @@ test-full: venv  ## run every test, the slow ones too
 lint: venv  ## ruff
 	$(VENV)/bin/ruff check aqcf tests benchmarks
 
-demo: venv  ## model summary (grows into the full phantom demo)
-	$(AQCF) summary
+demo: venv  ## phantoms -> train configs/demo.yaml -> held-out test -> demo_out/report.md (about 12 min on 2 CPU cores)
+	$(AQCF) demo --out demo_out
+
+cv: venv  ## cross-validation of CONFIG on FOLDS, then the mean +- SD table -> RUNS/<config>/report/
+	@set -e; \
+	$(call cv_run,$(STEM),); \
+	$(AQCF) report $(STEM)=$(RUNS)/$(STEM) --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/$(STEM)/report
 
 bench: venv  ## benchmarks -> benchmarks/results.json and benchmarks/results.md
 	$(PY) benchmarks/run.py --out benchmarks/results

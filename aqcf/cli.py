@@ -19,6 +19,7 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 # verb -> ("module:function", one-line help)
 VERBS: dict[str, tuple[str, str]] = {
     "summary": ("aqcf.networks.summary:main", "print the network's layers and parameter count"),
+    "demo": ("aqcf.demo:main", "phantom cohorts -> joint training -> held-out test -> report (make demo)"),
     "synth": ("aqcf.data.phantoms:main", "write phantom CT (LiTS layout) and MRI (ATLAS layout) cohorts"),
     "preprocess": ("aqcf.data.preprocess:main", "preprocess a cohort into the cache folder"),
     "figures": ("aqcf.figures:main", "draw the paper's figures (training curves, qualitative overlays)"),

@@ -119,7 +119,7 @@ class _EpochSampler(Sampler):
 
 
 class _Volumes(Dataset):
-    """Whole preprocessed volumes: ``{"image", "label"?, "modality", "id", "record"?}``."""
+    """Whole preprocessed volumes: ``{"image", "label"?, "modality", "id", "spacing", "record"?}``."""
 
     def __init__(self, entries: Sequence[dict], with_record: bool = False):
         self.entries = list(entries)
@@ -132,12 +132,13 @@ class _Volumes(Dataset):
         import nibabel as nib
 
         entry = self.entries[index]
+        image = nib.load(entry[IMAGE])
         item = {
-            IMAGE: torch.from_numpy(np.asarray(nib.load(entry[IMAGE]).dataobj, dtype=np.float32).copy())[
-                None
-            ],
+            IMAGE: torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32).copy())[None],
             "modality": entry["modality"],
             "id": entry["id"],
+            # voxel size in mm of the preprocessed grid: surface distances are reported in mm
+            "spacing": tuple(float(s) for s in image.header.get_zooms()[:3]),
         }
         if entry.get(LABEL):
             label = np.asarray(nib.load(entry[LABEL]).dataobj, dtype=np.int64)

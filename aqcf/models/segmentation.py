@@ -80,6 +80,7 @@ class SegmentationModule(L.LightningModule):
         sw_mode: blending of overlapping windows ("gaussian" or "constant").
         stitch_on_cpu: keep the stitched whole-volume logits on the CPU so large volumes fit in GPU memory.
         test_output: where ``aqcf test`` writes per-case metrics; default ``<default_root_dir>/test``.
+        test_overlays: ``aqcf test`` also draws this many cases per modality (``<test_output>/overlays``).
     """
 
     def __init__(
@@ -94,6 +95,7 @@ class SegmentationModule(L.LightningModule):
         sw_mode: str = "gaussian",
         stitch_on_cpu: bool = False,
         test_output: str | None = None,
+        test_overlays: int = 4,
     ) -> None:
         super().__init__()
         given = _cli_given_hyperparameters()
@@ -110,6 +112,8 @@ class SegmentationModule(L.LightningModule):
         self.sw_mode = sw_mode
         self.stitch_on_cpu = bool(stitch_on_cpu)
         self.test_output = test_output
+        self.test_overlays = int(test_overlays)
+        self._overlays_drawn: dict[str, int] = {}
         self.modalities = tuple(getattr(network, "modalities", MODALITIES))
         self.val_dice = nn.ModuleDict({m: _pooled_dice() for m in self.modalities})
         self.test_dice = nn.ModuleDict({m: _pooled_dice() for m in self.modalities})
@@ -202,8 +206,12 @@ class SegmentationModule(L.LightningModule):
         return {k: float(v) for k, v in values.items()}
 
     # --------------------------------------------------------------------------------------------- test
+    def _test_dir(self) -> Path:
+        return Path(self.test_output or os.path.join(self.trainer.default_root_dir, "test"))
+
     def on_test_epoch_start(self) -> None:
         self._test_rows = []
+        self._overlays_drawn = {}
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         from aqcf.evaluation.metrics import evaluate_case
@@ -211,7 +219,7 @@ class SegmentationModule(L.LightningModule):
         modality, prediction, label = self._evaluate_volume(batch, "test")
         if prediction is None:
             return
-        spacing = tuple(float(s) for s in batch.get("spacing", [[1.0, 1.0, 1.0]])[0])
+        spacing = tuple(float(s) for s in batch["spacing"][0])
         self._test_rows += evaluate_case(
             prediction[0, 0].cpu().numpy(),
             label[0, 0].cpu().numpy(),
@@ -219,6 +227,16 @@ class SegmentationModule(L.LightningModule):
             case=batch["id"][0],
             modality=modality,
         )
+        if self._overlays_drawn.get(modality, 0) < self.test_overlays:
+            from aqcf.visualize import save_overlay_png
+
+            self._overlays_drawn[modality] = self._overlays_drawn.get(modality, 0) + 1
+            save_overlay_png(
+                self._test_dir() / "overlays" / f"{modality}_{batch['id'][0]}.png",
+                batch[IMAGE][0, 0].float().cpu().numpy(),
+                {"ground truth": label[0, 0].cpu().numpy(), "prediction": prediction[0, 0].cpu().numpy()},
+                title=f"{modality.upper()} {batch['id'][0]} (held out)",
+            )
 
     def on_test_epoch_end(self) -> None:
         from aqcf.evaluation.evaluate import write_results
@@ -230,8 +248,7 @@ class SegmentationModule(L.LightningModule):
             torch.distributed.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
         if self.trainer.is_global_zero and rows:
-            out = Path(self.test_output or os.path.join(self.trainer.default_root_dir, "test"))
-            write_results(rows, out, overwrite=True, info={"checkpoint": self.trainer.ckpt_path})
+            write_results(rows, self._test_dir(), overwrite=True, info={"checkpoint": self.trainer.ckpt_path})
 
     # ------------------------------------------------------------------------------------------ predict
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:

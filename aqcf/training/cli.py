@@ -10,6 +10,7 @@ from __future__ import annotations
 import netrc
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -63,7 +64,9 @@ class AqcfCLI(LightningCLI):
     def init_parser(self, **kwargs) -> LightningArgumentParser:
         kwargs.setdefault("dump_header", ["aqcf"])
         parser = _Parser(**kwargs)
-        parser.add_argument("-c", "--config", action="config", help="path to a YAML config (may repeat: later files override)")
+        parser.add_argument(
+            "-c", "--config", action="config", help="path to a YAML config (may repeat: later files override)"
+        )
         return parser
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -83,7 +86,8 @@ class AqcfCLI(LightningCLI):
         parser.add_lightning_class_args(ValidationOverlays, "overlays")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
-        parser.link_arguments("data.patch_size", "model.init_args.patch_size" if self.subclass_mode_model else "model.patch_size")
+        # the sliding window of validation is the training patch
+        parser.link_arguments("data.patch_size", "model.patch_size")
         parser.add_argument(
             "--run_name",
             type=str | None,
@@ -158,6 +162,8 @@ def _place_loggers(loggers, root: str, run_name: str, fold: int) -> None:
 
 def run_lightning(argv: list[str]) -> int:
     """Entry for ``aqcf fit|validate|test|predict ...``."""
+    # called in-process (aqcf demo, tests) argv differs from sys.argv by design
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     AqcfCLI(
         SegmentationModule,
         UnpairedDataModule,
