@@ -189,7 +189,7 @@ NETWORKS = {
 
 
 def test_every_baseline_config_has_a_test():
-    shipped = {p.stem for p in BASELINES.glob("*.yaml")}
+    shipped = {p.stem for p in BASELINES.glob("*.yaml")}  # configs/baselines/<base>/ hold sizes only
     assert shipped == {f"{family}_{variant}" for family in NETWORKS for variant in ("ct", "mri", "joint")} - {
         "unimodal_joint"
     }
@@ -200,7 +200,8 @@ def test_baseline_config_trains(name, tiny_phantoms, tmp_path):
     from aqcf.models.segmentation import SegmentationModule
 
     root = tmp_path / name
-    assert main(["fit", *_fit_baseline(tiny_phantoms, root, name)]) == 0
+    args = _fit_baseline(tiny_phantoms, root, name)
+    assert main(["fit", *args]) == 0
     family, variant = name.rsplit("_", 1)
     expected = ("ct", "mri") if variant == "joint" else (variant,)
 
@@ -221,18 +222,38 @@ def test_baseline_config_trains(name, tiny_phantoms, tmp_path):
     else:
         assert isinstance(wrapper.network, inner)
 
-
-def test_unimodal_baseline_is_tested_on_its_modality_only(tiny_phantoms, tmp_path):
-    root = tmp_path / "unimodal_mri"
-    args = _fit_baseline(tiny_phantoms, root, "unimodal_mri")
-    assert main(["fit", *args]) == 0
-    assert main(["test", *args, "--ckpt_path", str(root / "checkpoints" / "last.ckpt")]) == 0
-    summary = json.loads((root / "test" / "summary.json").read_text())
-    assert list(summary["per_modality"]) == ["mri"]
+    if variant != "joint" and family == "unimodal":  # `aqcf test` scores the served modality alone
+        assert main(["test", *args, "--ckpt_path", str(root / "checkpoints" / "last.ckpt")]) == 0
+        summary = json.loads((root / "test" / "summary.json").read_text())
+        assert list(summary["per_modality"]) == [variant]
 
 
-def test_swin_unetr_config_patch_is_divisible_by_32():
+def _merged_config(capsys, *configs: Path) -> dict:
     import yaml
 
-    config = yaml.safe_load((BASELINES / "swin_unetr_joint.yaml").read_text())
-    assert all(size % 32 == 0 for size in config["data"]["patch_size"])
+    args = [arg for config in configs for arg in ("--config", str(config))]
+    with pytest.raises(SystemExit):
+        main(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize("base", ["lits_atlas", "demo"])
+@pytest.mark.parametrize("family", ["nnunet", "unetr", "swin_unetr"])
+def test_patch_dependent_sizes_match_the_base_config(base, family, capsys):
+    """What `make baselines CONFIG=configs/<base>.yaml` trains: sizes consistent with the patch and spacing."""
+    configs = [REPO / "configs" / f"{base}.yaml", BASELINES / f"{family}_joint.yaml"]
+    sizes = BASELINES / base / f"{family}.yaml"
+    if sizes.is_file():
+        configs.append(sizes)
+    config = _merged_config(capsys, *configs)
+    patch = config["data"]["patch_size"]
+    network = config["model"]["network"]["init_args"]["network"]["init_args"]
+    if family == "nnunet":
+        assert network["patch_size"] == patch and network["spacing"] == config["data"]["ct_spacing"]
+    elif family == "unetr":
+        assert network["img_size"] == patch
+    else:
+        assert all(size % 32 == 0 for size in patch)
+    if family != "swin_unetr":  # only Swin UNETR trains on its own patch
+        base_config = _merged_config(capsys, REPO / "configs" / f"{base}.yaml")
+        assert patch == base_config["data"]["patch_size"]
