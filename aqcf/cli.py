@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "reader-stats": ("aqcf.explain.reader_stats:main", "reader study table: scores, ICC(2,1), Cohen's kappa"),
     "evaluate": ("aqcf.evaluation.evaluate:main", "Dice, HD95, MSD of predicted masks against references"),
     "report": ("aqcf.evaluation.report:main", "cross-validation tables, Wilcoxon tests, ablation view"),
+    "export-nnunet": ("aqcf.data.nnunet_export:main", "a cohort as an nnU-Net v2 raw data set with aqcf's folds"),
     "segment": ("aqcf.inference.segment:main", "segment scans with a checkpoint: masks, liver/tumor measures"),
     "explain": ("aqcf.explain.run:main", "Grad-CAM(++) tumor saliency + localisation scores, feature maps, gate table"),
 }

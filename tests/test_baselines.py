@@ -257,3 +257,48 @@ def test_patch_dependent_sizes_match_the_base_config(base, family, capsys):
     if family != "swin_unetr":  # only Swin UNETR trains on its own patch
         base_config = _merged_config(capsys, REPO / "configs" / f"{base}.yaml")
         assert patch == base_config["data"]["patch_size"]
+
+
+# ------------------------------------------------------------------- real nnU-Net on the same folds
+
+
+def test_export_nnunet_writes_nnunet_raw_layout_with_the_folds(tiny_phantoms, tmp_path, capsys):
+    lits = sorted((tiny_phantoms / "LiTS").rglob("volume-*.nii*"))
+    ids = [f"lits-{p.name.split('-')[1].split('.')[0]}" for p in lits]
+    ending = ".nii.gz" if lits[0].name.endswith(".nii.gz") else ".nii"
+    folds = [{"train": [i for i in ids if i != held_out], "val": [held_out]} for held_out in ids]
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps(folds))
+
+    code = main(["export-nnunet", str(tiny_phantoms / "LiTS"), "--format", "lits", "--modality", "ct",
+                 "--id", "101", "--name", "LiTS", "--out", str(tmp_path / "raw"), "--splits", str(splits)])
+    assert code == 0
+    dataset = tmp_path / "raw" / "Dataset101_LiTS"
+    assert "nnUNet_preprocessed/Dataset101_LiTS/splits_final.json" in capsys.readouterr().out
+    assert sorted(p.name for p in (dataset / "imagesTr").iterdir()) == sorted(f"{i}_0000{ending}" for i in ids)
+    for volume, case in zip(lits, ids, strict=True):
+        assert (dataset / "imagesTr" / f"{case}_0000{ending}").resolve() == volume.resolve()
+        label = volume.parent / volume.name.replace("volume", "segmentation")
+        assert (dataset / "labelsTr" / f"{case}{ending}").resolve() == label.resolve()
+    description = json.loads((dataset / "dataset.json").read_text())
+    assert description["channel_names"] == {"0": "CT"}  # nnU-Net's CT normalisation
+    assert description["labels"] == {"background": 0, "liver": 1, "tumor": 2}
+    assert description["numTraining"] == len(ids) and description["file_ending"] == ending
+    assert json.loads((dataset / "splits_final.json").read_text()) == folds
+
+    # the exported folder reads back as an nnU-Net raw data set with the same case ids
+    from aqcf.data.cohorts import read_cohort
+
+    assert sorted(c.id for c in read_cohort(dataset, "nnunet", "ct")) == sorted(ids)
+
+
+def test_export_nnunet_rejects_folds_of_other_cases(tiny_phantoms, tmp_path):
+    splits = tmp_path / "splits.json"
+    other_cohort = [{"train": ["atlas-1"], "val": ["atlas-2"]}, {"train": ["atlas-2"], "val": ["atlas-1"]}]
+    splits.write_text(json.dumps(other_cohort))
+    code = main(["export-nnunet", str(tiny_phantoms / "LiTS"), "--format", "lits", "--modality", "ct",
+                 "--id", "101", "--name", "LiTS", "--out", str(tmp_path / "raw"), "--splits", str(splits)])
+    assert code == 2
+    assert not (tmp_path / "raw" / "Dataset101_LiTS").exists()
+    assert main(["export-nnunet", str(tiny_phantoms / "ATLAS"), "--format", "atlas", "--modality", "mri",
+                 "--id", "1000", "--name", "ATLAS", "--out", str(tmp_path / "raw")]) == 2

@@ -1,0 +1,153 @@
+"""``aqcf export-nnunet``: a cohort as an nnU-Net v2 raw data set, with aqcf's folds as ``splits_final.json``.
+
+A real nnU-Net v2 baseline (paper section 4.1.3) must train on the same patient-level folds as the
+models of this package. nnU-Net reads its folds from ``nnUNet_preprocessed/DatasetXXX_NAME/splits_final.json``
+(a list of ``{"train": [...], "val": [...]}`` by case identifier), the format of aqcf's
+``<cache_dir>/<modality>/splits.json``; what has to agree is the case identifiers. This verb writes
+the raw data set with aqcf's case ids as nnU-Net's identifiers (``imagesTr/<id>_0000<ending>``,
+``labelsTr/<id><ending>``, links to the original files by default), its ``dataset.json``, and the fold
+file checked against those ids. nnU-Net trains one modality per data set: export CT and MRI separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+from aqcf.constants import CT, MRI, check_modality
+from aqcf.data.cohorts import read_cohort
+from aqcf.data.splits import check_splits
+from aqcf.errors import AqcfError
+from aqcf.evaluation.evaluate import write_text_atomic
+
+__all__ = ["CHANNEL_NAMES", "LABELS", "SPLITS_NAME", "dataset_folder", "export_nnunet", "main"]
+
+#: nnU-Net normalises a channel named "CT" with its CT scheme (foreground percentiles) and others by z-score
+CHANNEL_NAMES = {CT: "CT", MRI: "MRI"}
+LABELS = {"background": 0, "liver": 1, "tumor": 2}
+SPLITS_NAME = "splits_final.json"
+_MAX_DATASET_ID = 999  # nnU-Net's data set ids have three digits
+
+
+def dataset_folder(out_dir: str | Path, dataset_id: int, name: str) -> Path:
+    """``out_dir/DatasetXXX_NAME``, nnU-Net v2's name for data set ``dataset_id``."""
+    if not 1 <= dataset_id <= _MAX_DATASET_ID:
+        raise AqcfError(f"dataset id {dataset_id}: nnU-Net needs 1..{_MAX_DATASET_ID}")
+    if not name or any(c in name for c in " /\\"):
+        raise AqcfError(f"dataset name {name!r}: nnU-Net needs a non-empty name without spaces or slashes")
+    return Path(out_dir) / f"Dataset{dataset_id:03d}_{name}"
+
+
+def _ending(path: Path) -> str:
+    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+
+
+def _place(source: Path, target: Path, copy: bool) -> None:
+    if target.is_symlink() or target.exists():
+        target.unlink()
+    if copy:
+        shutil.copyfile(source, target)
+    else:
+        target.symlink_to(source.resolve())
+
+
+def export_nnunet(
+    root: str | Path,
+    fmt: str,
+    modality: str,
+    out_dir: str | Path,
+    dataset_id: int,
+    name: str,
+    splits: str | Path | None = None,
+    copy: bool = False,
+) -> Path:
+    """Write a cohort as the nnU-Net v2 raw data set ``out_dir/DatasetXXX_NAME``.
+
+    Args:
+        root: the cohort folder, as given to ``aqcf fit`` (``data.ct_root`` / ``data.mri_root``).
+        fmt: its layout (``lits``, ``atlas``, ``nnunet``, ...), as ``data.ct_format`` / ``data.mri_format``.
+        modality: ``"ct"`` or ``"mri"``.
+        out_dir: nnU-Net's raw folder (``$nnUNet_raw``).
+        dataset_id: nnU-Net data set id, 1..999.
+        name: data set name (no spaces), e.g. ``LiTS``.
+        splits: aqcf's fold file for this cohort (``<cache_dir>/<modality>/splits.json``, written by the
+            first ``aqcf fit``); copied as ``splits_final.json`` after checking it names exactly these cases.
+        copy: copy the image and label files instead of linking to them.
+
+    Returns:
+        The data set folder.
+
+    Raises:
+        AqcfError: an unlabeled case, files of several endings, a fold file for other cases, or a bad
+            data set id or name.
+    """
+    modality = check_modality(modality)
+    dataset = dataset_folder(out_dir, dataset_id, name)
+    cases = read_cohort(root, fmt, modality)
+    unlabeled = [c.id for c in cases if c.label is None]
+    if unlabeled:
+        raise AqcfError(f"{root}: case {unlabeled[0]} has no label file; nnU-Net trains on labeled cases only")
+    endings = {_ending(Path(c.image)) for c in cases} | {_ending(Path(c.label)) for c in cases}
+    if len(endings) != 1:
+        raise AqcfError(
+            f"{root}: the cases mix {', '.join(sorted(endings))} files; an nnU-Net data set has one file ending "
+            "(compress or decompress them to one)"
+        )
+    ending = endings.pop()
+    fold_file = None
+    if splits is not None:
+        try:
+            fold_file = json.loads(Path(splits).read_text())
+        except FileNotFoundError as err:
+            raise AqcfError(f"{splits}: fold file not found (the first `aqcf fit` writes it)") from err
+        except ValueError as err:
+            raise AqcfError(f"{splits}: not valid JSON ({err})") from err
+        check_splits(fold_file, [c.id for c in cases], len(fold_file) if isinstance(fold_file, list) else 0, splits)
+
+    images, labels = dataset / "imagesTr", dataset / "labelsTr"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        _place(Path(case.image), images / f"{case.id}_0000{ending}", copy)
+        _place(Path(case.label), labels / f"{case.id}{ending}", copy)
+    description = {
+        "name": name,
+        "description": f"{modality.upper()} cohort {Path(root).resolve()} ({fmt} layout) with aqcf's case ids",
+        "channel_names": {"0": CHANNEL_NAMES[modality]},
+        "labels": LABELS,
+        "numTraining": len(cases),
+        "file_ending": ending,
+    }
+    write_text_atomic(dataset / "dataset.json", json.dumps(description, indent=2) + "\n")
+    if fold_file is not None:
+        write_text_atomic(dataset / SPLITS_NAME, json.dumps(fold_file, indent=1) + "\n")
+    return dataset
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aqcf export-nnunet ROOT --format F --modality M --id N --name NAME --out DIR [--splits FILE] [--copy]``."""
+    parser = argparse.ArgumentParser(
+        prog="aqcf export-nnunet",
+        description="Write a cohort as an nnU-Net v2 raw data set (aqcf's case ids as nnU-Net's identifiers) "
+        "with aqcf's folds as splits_final.json, to train nnU-Net on the same folds.",
+    )
+    parser.add_argument("root", type=Path, help="cohort folder (as data.ct_root / data.mri_root)")
+    parser.add_argument("--format", required=True, help="its layout: lits, atlas, nnunet, ...")
+    parser.add_argument("--modality", required=True, choices=(CT, MRI))
+    parser.add_argument("--id", type=int, required=True, dest="dataset_id", help="nnU-Net data set id (1..999)")
+    parser.add_argument("--name", required=True, help="data set name, e.g. LiTS (no spaces)")
+    parser.add_argument("--out", type=Path, required=True, help="nnU-Net's raw folder ($nnUNet_raw)")
+    parser.add_argument("--splits", type=Path, default=None,
+                        help="aqcf's fold file, <cache_dir>/<modality>/splits.json (written by the first aqcf fit)")
+    parser.add_argument("--copy", action="store_true", help="copy the files instead of linking to them")
+    args = parser.parse_args(argv)
+    dataset = export_nnunet(args.root, args.format, args.modality, args.out, args.dataset_id, args.name,
+                            args.splits, args.copy)
+    print(f"wrote {dataset} (imagesTr/, labelsTr/, dataset.json{', ' + SPLITS_NAME if args.splits else ''})")
+    if args.splits:
+        target = os.path.join("$nnUNet_preprocessed", dataset.name, SPLITS_NAME)
+        print(f"after `nnUNetv2_plan_and_preprocess -d {args.dataset_id}`: cp {dataset / SPLITS_NAME} {target}")
+    return 0
