@@ -51,7 +51,7 @@ __all__ = [
     "OUTPUT_FILES",
     "DEFAULT_FORMATS",
     "CaseData",
-    "load_network",
+    "load_model",
     "checkpoint_cases",
     "cohort_cases",
     "resolve_layers",
@@ -90,33 +90,21 @@ CSV_FIELDS = (
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def load_network(ckpt: str | Path, device: str = "cpu"):
-    """Rebuild the network of a checkpoint written by ``aqcf fit``.
+def load_model(ckpt: str | Path, device: str = "auto"):
+    """Rebuild a checkpoint written by ``aqcf fit`` (through :class:`aqcf.inference.predictor.Predictor`).
 
     Args:
         ckpt: the ``.ckpt`` file.
-        device: where to put the network.
+        device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
 
     Returns:
-        ``(network, patch_size, datamodule_hparams)``: the network in eval mode, the training patch
-        (X, Y, Z) and the data module's hyper-parameters (an empty dict if the checkpoint has none).
+        ``(predictor, datamodule_hparams)``: the predictor holds the network (eval mode, on its device),
+        each trained modality's preprocessing and, as ``window.roi_size``, the training patch (X, Y, Z).
     """
-    import torch
+    from aqcf.inference.predictor import Predictor, load_checkpoint_info
 
-    from aqcf.models.segmentation import SegmentationModule
-
-    path = Path(ckpt)
-    if not path.is_file():
-        raise AqcfError(f"{path}: checkpoint not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        module = SegmentationModule.load_from_checkpoint(path, map_location="cpu")
-    except Exception as err:  # torch and Lightning raise many types for a file they cannot use
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AqcfError(f"{path}: cannot rebuild the network from this checkpoint ({message})") from err
-    network = module.network.to(device).eval()
-    hparams = dict(checkpoint.get("datamodule_hyper_parameters") or {})
-    return network, tuple(module.patch_size), hparams
+    predictor = Predictor.from_checkpoint(ckpt, device=device)
+    return predictor, dict(load_checkpoint_info(ckpt)["datamodule_hyper_parameters"] or {})
 
 
 @dataclass(frozen=True)
@@ -175,17 +163,16 @@ def checkpoint_cases(hparams: Mapping, progress: bool = True) -> dict[str, list[
 
 
 def cohort_cases(
-    root: str | Path, data_format: str, modality: str, hparams: Mapping, cache: str | Path, progress: bool = True
+    root: str | Path, data_format: str, settings, cache: str | Path, progress: bool = True
 ) -> list[CaseData]:
-    """Every case of a cohort folder, preprocessed with the checkpoint's settings into ``cache``."""
+    """Every case of a cohort folder, preprocessed with ``settings`` (the checkpoint's
+    :class:`~aqcf.data.preprocess.PreprocessSettings` of the cohort's modality) into ``cache``."""
     from aqcf.data.cohorts import read_cohort
-    from aqcf.data.datamodule import preprocess_settings_from_hparams
     from aqcf.data.preprocess import preprocess_cohort
 
-    settings = preprocess_settings_from_hparams(hparams, modality)
-    cases = read_cohort(root, data_format, modality)
+    cases = read_cohort(root, data_format, settings.modality)
     manifest = preprocess_cohort(
-        cases, settings, cache, name=f"{modality}-{data_format.lower()}", progress=progress
+        cases, settings, cache, name=f"{settings.modality}-{data_format.lower()}", progress=progress
     )
     return [CaseData.from_entry(e) for e in manifest.entries]
 
@@ -303,6 +290,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _parser() -> argparse.ArgumentParser:
     from aqcf.explain.features import SUMMARIES
     from aqcf.explain.saliency import METHODS, SCORE_REGIONS
+    from aqcf.inference.predictor import DEVICES
 
     p = argparse.ArgumentParser(
         prog="aqcf explain",
@@ -336,11 +324,11 @@ def _parser() -> argparse.ArgumentParser:
         help="tumor score = mean tumor logit over the predicted tumor voxels (default) or the whole window",
     )
     p.add_argument("--whole-volume", action="store_true", help="saliency on the whole preprocessed volume")
-    p.add_argument("--band-mm", type=float, default=3.0, help="boundary band half-width in mm (default 3)")
+    p.add_argument("--band-mm", type=float, default=3.0, help="boundary band: mm from the tumor boundary (default 3)")
     p.add_argument("--figure-cases", type=int, default=2, metavar="K", help="cases per modality in the figures")
     p.add_argument("--feature-summary", choices=SUMMARIES, default=SUMMARIES[0], help="channel summary of feature maps")
     p.add_argument("--no-gates", action="store_true", help="skip the gate statistics")
-    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto (default: cuda when available), cpu, cuda")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -391,15 +379,18 @@ def main(argv: list[str] | None = None) -> int:
         raise AqcfError("--figure-cases must be >= 0 and --band-mm > 0")
     requests = _cohort_requests(args)
     progress = not args.no_progress
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     methods = METHODS if args.method == "both" else (args.method,)
 
-    network, patch_size, hparams = load_network(args.ckpt, device)
-    planned = [m for m in MODALITIES if (m in requests if requests else hparams.get(f"{m}_root"))]
-    layers = resolve_layers(network, planned or MODALITIES, args.layer)  # before any preprocessing: fail fast
+    predictor, hparams = load_model(args.ckpt, args.device)
+    network, patch_size, device = predictor.network, predictor.window.roi_size, predictor.device
+    planned = [predictor.check_modality(m) for m in requests] if requests else list(predictor.modalities)
+    layers = resolve_layers(network, planned, args.layer)  # before any preprocessing: fail fast
     if requests:
         cache = args.cache or hparams.get("cache_dir") or "cache"
-        cases = {m: cohort_cases(root, fmt, m, hparams, cache, progress) for m, (root, fmt) in requests.items()}
+        cases = {
+            m: cohort_cases(root, fmt, predictor.preprocessing[m], cache, progress)
+            for m, (root, fmt) in requests.items()
+        }
     else:
         cases = checkpoint_cases(hparams, progress)
     cases = {m: cases[m][: args.cases] for m in MODALITIES if cases.get(m)}

@@ -283,7 +283,18 @@ class TumorSaliency:
         if not self._hooks.handles:
             raise AqcfError("this TumorSaliency was closed")
         with torch.enable_grad():
-            maps = self._cams[method](x, class_idx=self.target_class)
+            if method == GRADCAMPP and x.shape[0] > 1:
+                # MONAI's Grad-CAM++ broadcasts the (B,) score against the trailing axis of the
+                # gradient, which is right only for B = 1: explain one sample at a time
+                parts, voxels, fallback = [], [], []
+                for sample in x:
+                    parts.append(self._cams[method](sample[None], class_idx=self.target_class))
+                    voxels.append(self.score.last_region_voxels)
+                    fallback.append(self.score.last_fallback)
+                maps = torch.cat(parts)
+                self.score.last_region_voxels, self.score.last_fallback = torch.cat(voxels), torch.cat(fallback)
+            else:
+                maps = self._cams[method](x, class_idx=self.target_class)
         # the backward pass filled the parameters' .grad: free it, nothing will step on it
         self.score.zero_grad(set_to_none=True)
         return maps[:, 0].float()
