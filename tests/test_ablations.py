@@ -78,6 +78,8 @@ with open(os.environ["FAKE_AQCF_LOG"], "a") as log:
     log.write(json.dumps(argv) + "\\n")
 verb, args = argv[0], argv[1:]
 if verb == "report":
+    if not os.environ.get("FAKE_AQCF_REPORT"):
+        sys.exit(0)
     from aqcf.cli import main
     sys.exit(main(argv))
 option = lambda name: args[args.index(name) + 1]
@@ -107,7 +109,8 @@ def _scores(offset: float, modalities=("ct", "mri")) -> dict:
     return folds
 
 
-def _make(target: str, tmp_path: Path, scores: dict, *variables: str, fail: str = "") -> subprocess.CompletedProcess:
+def _make(target: str, tmp_path: Path, scores: dict, *variables: str, fail: str = "",
+          report: bool = True) -> subprocess.CompletedProcess:
     fake = tmp_path / "fake_aqcf"
     fake.write_text(FAKE_AQCF.format(python=sys.executable))
     fake.chmod(0o755)
@@ -116,7 +119,8 @@ def _make(target: str, tmp_path: Path, scores: dict, *variables: str, fail: str 
     venv.mkdir(exist_ok=True)
     (venv / ".installed").touch()
     env = {**os.environ, "FAKE_AQCF_LOG": str(tmp_path / "calls.jsonl"),
-           "FAKE_AQCF_SCORES": str(tmp_path / "scores.json"), "FAKE_AQCF_FAIL": fail}
+           "FAKE_AQCF_SCORES": str(tmp_path / "scores.json"), "FAKE_AQCF_FAIL": fail,
+           "FAKE_AQCF_REPORT": "1" if report else ""}
     command = ["make", "--no-print-directory", "-C", str(REPO), target, f"VENV={venv}", f"AQCF={fake}",
                f"RUNS={tmp_path / 'runs'}", *variables]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -151,12 +155,14 @@ ABLATION_OFFSETS = {"no_adaptive_gate": 0.01, "no_cross_fusion": 0.08, "no_quate
 @needs_make
 def test_make_ablations(tmp_path):
     scores = {"demo": _scores(0.0)} | {f"demo-{a}": _scores(d) for a, d in ABLATION_OFFSETS.items()}
-    done = _make("ablations", tmp_path, scores, "CONFIG=configs/demo.yaml", "FOLDS=0 1")
+    for run in scores:  # a fold outside the FOLDS of the second call: all zeros, must not reach the table
+        scores[run]["2"] = {m: {c: 0.0 for c in ("liver", "tumor")} for m in ("ct", "mri")}
+    done = _make("ablations", tmp_path, scores, "CONFIG=configs/demo.yaml", "FOLDS=0 1 2", report=False)
     assert done.returncode == 0, done.stderr
 
     calls = _calls(tmp_path)
     runs = ["demo"] + [f"demo-{a}" for a in ABLATION_OFFSETS]
-    expected = [(verb, run, fold) for run in runs for fold in ("0", "1") for verb in ("fit", "test")]
+    expected = [(verb, run, fold) for run in runs for fold in ("0", "1", "2") for verb in ("fit", "test")]
     assert [(c[0], _option(c, "--run_name"), _option(c, "--data.fold")) for c in calls[:-1]] == expected
     runs_dir = tmp_path / "runs"
     for call in calls[:-1]:
@@ -168,10 +174,25 @@ def test_make_ablations(tmp_path):
             assert "--ckpt_path" not in call  # fresh folds start afresh
         else:
             assert _option(call, "--ckpt_path") == str(runs_dir / run / f"fold{fold}" / "checkpoints" / "best.ckpt")
-    assert calls[-1][0] == "report"
+    report = calls[-1]
+    assert report[0] == "report" and _option(report, "--baseline") == "full_model"
+    assert report[1:7] == ["full_model=" + str(runs_dir / "demo")] + [
+        f"{a}={runs_dir / ('demo-' + a)}" for a in ABLATION_OFFSETS]
+    assert _option(report, "--out") == str(runs_dir / "ablations_report" / "demo")
 
-    # Table 7: the per-fold mean over liver, tumor, CT and MRI is 0.82 and 0.84 for the full model
-    # (mean 0.83, sample SD 0.01·√2); each ablation lowers every score by its offset d
+    # again, after fold 1 of one run was interrupted in training (last.ckpt, no test summary), on folds 0, 1
+    (runs_dir / "demo-no_quaternion" / "fold1" / "test" / "summary.json").unlink()
+    done = _make("ablations", tmp_path, scores, "CONFIG=configs/demo.yaml", "FOLDS=0 1")
+    assert done.returncode == 0, done.stderr
+    calls = _calls(tmp_path)
+    assert [c[0] for c in calls] == ["fit", "test", "report"]  # finished folds are skipped
+    fit, test = calls[0], calls[1]
+    assert _option(fit, "--run_name") == "demo-no_quaternion" and _option(fit, "--data.fold") == "1"
+    assert _option(fit, "--ckpt_path") == "last"
+    assert _option(test, "--run_name") == "demo-no_quaternion" and _option(test, "--data.fold") == "1"
+
+    # Table 7 over folds 0 and 1: the per-fold mean over liver, tumor, CT and MRI is 0.82 and 0.84 for
+    # the full model (mean 0.83, sample SD 0.01·√2); each ablation lowers every score by its offset d
     table = _table(runs_dir / "ablations_report" / "demo" / "ablation.csv")
     assert list(table) == ["full_model", *ABLATION_OFFSETS]
     expected_change = {"no_adaptive_gate": -1.204819, "no_cross_fusion": -9.638554, "no_quaternion": -4.819277,
@@ -187,29 +208,6 @@ def test_make_ablations(tmp_path):
         else:
             assert float(row["change_percent"]) == pytest.approx(expected_change[run], abs=1e-5)
     assert "Ablation view" in (runs_dir / "ablations_report" / "demo" / "report.md").read_text()
-
-
-@needs_make
-def test_make_ablations_resumes_skips_and_reads_only_folds(tmp_path):
-    scores = {"demo": _scores(0.0)} | {f"demo-{a}": _scores(d) for a, d in ABLATION_OFFSETS.items()}
-    for run in scores:  # a fold tested earlier but not asked for now: not in the table
-        scores[run]["2"] = {m: {c: 0.0 for c in ("liver", "tumor")} for m in ("ct", "mri")}
-    assert _make("ablations", tmp_path, scores, "CONFIG=configs/demo.yaml", "FOLDS=0 1 2").returncode == 0
-    _calls(tmp_path)
-    # fold 1 of one run was interrupted during training: it has last.ckpt but no test summary
-    (tmp_path / "runs" / "demo-no_quaternion" / "fold1" / "test" / "summary.json").unlink()
-
-    done = _make("ablations", tmp_path, scores, "CONFIG=configs/demo.yaml", "FOLDS=0 1")
-    assert done.returncode == 0, done.stderr
-    calls = _calls(tmp_path)
-    assert [c[0] for c in calls] == ["fit", "test", "report"]
-    fit, test = calls[0], calls[1]
-    assert _option(fit, "--run_name") == "demo-no_quaternion" and _option(fit, "--data.fold") == "1"
-    assert _option(fit, "--ckpt_path") == "last"
-    assert _option(test, "--run_name") == "demo-no_quaternion"
-    table = _table(tmp_path / "runs" / "ablations_report" / "demo" / "ablation.csv")
-    assert float(table["full_model"]["mean_dice"]) == pytest.approx(0.83)  # fold 2 (all zeros) left out
-    assert table["full_model"]["n_folds"] == "2"
 
 
 @needs_make
