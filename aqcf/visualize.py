@@ -14,7 +14,6 @@ codes are handled too).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from matplotlib.patches import Patch
 
 from aqcf.constants import FOREGROUND_CLASSES
 from aqcf.errors import AqcfError
+from aqcf.io import atomic_path
 
 __all__ = [
     "LIVER_RGB",
@@ -269,15 +269,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
         The destination path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
     return path
 
 

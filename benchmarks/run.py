@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from aqcf.io import write_text_atomic
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -30,18 +32,14 @@ def _load(path: Path):
 
 
 def _markdown(rows: list[dict], machine: str) -> str:
-    lines = [f"Machine: {machine}", "", "| benchmark | case | metric | value | unit | note |", "|---|---|---|---|---|---|"]
+    header = "| benchmark | case | metric | value | unit | note |"
+    lines = [f"Machine: {machine}", "", header, "|---|---|---|---|---|---|"]
     for r in rows:
         value = r["value"]
         value = f"{value:.4g}" if isinstance(value, float) else str(value)
-        lines.append(f"| {r['benchmark']} | {r['case']} | {r['metric']} | {value} | {r['unit']} | {r.get('note', '')} |")
+        cells = [r["benchmark"], r["case"], r["metric"], value, r["unit"], r.get("note", "")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {path.stem} done in {time.perf_counter() - start:.1f} s", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out.with_suffix(".json"), json.dumps({"machine": machine, "rows": rows}, indent=2))
+    write_text_atomic(out.with_suffix(".json"), json.dumps({"machine": machine, "rows": rows}, indent=2))
     table = _markdown(rows, machine)
-    _atomic_write(out.with_suffix(".md"), table)
+    write_text_atomic(out.with_suffix(".md"), table)
     print(table)
     return 0
 

@@ -34,8 +34,12 @@ def test_paper_config_trains_and_checkpoints(tiny_run):
     assert tuple(ckpt["datamodule_hyper_parameters"]["ct_window"]) == (-16.0, 176.0)
     assert (tiny_run / "checkpoints" / "best.ckpt").is_file()
     metrics = _metrics(tiny_run)
-    for key in ("train/loss_epoch", "train/loss_ct_epoch", "train/loss_mri_epoch", "train/dice_mean_epoch", "val/dice_mean", "val/dice_ct_liver",
-                "val/dice_ct_tumor", "val/dice_mri_liver", "val/dice_mri_tumor", "gates/stage1/mri_to_ct_epoch", "lr-AdamW"):
+    expected = (
+        "train/loss_epoch", "train/loss_ct_epoch", "train/loss_mri_epoch", "train/dice_mean_epoch", "val/dice_mean",
+        "val/dice_ct_liver", "val/dice_ct_tumor", "val/dice_mri_liver", "val/dice_mri_tumor",
+        "gates/stage1/mri_to_ct_epoch", "lr-AdamW",
+    )
+    for key in expected:
         assert key in metrics, key
     mean = (metrics["val/dice_ct_liver"] + metrics["val/dice_ct_tumor"] + metrics["val/dice_mri_liver"]
             + metrics["val/dice_mri_tumor"]) / 4

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ import numpy as np
 from aqcf.constants import CT, MRI, check_modality
 from aqcf.data.cohorts import AFFINE_TOLERANCE_MM, Case, natural_key, register_reader
 from aqcf.errors import AqcfError
+from aqcf.io import atomic_path, save_nifti_atomic, write_json_atomic
 
 __all__ = [
     "IRCADB_LIVER_FOLDER",
@@ -79,32 +79,8 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("AQCF_CACHE", Path.home() / ".cache" / "aqcf")).expanduser()
 
 
-def _save_nifti_atomic(image: nib.Nifti1Image, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _subfolders(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-
-
-def _write_json_atomic(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _file_signature(paths: Sequence[Path], root: Path) -> str:
@@ -401,16 +377,16 @@ def convert_ircadb_patient(
         mask = _mask_volume(sources.mask_slices(structure), image_slices, volume.shape, name)
         label[mask] = value  # tumor comes after liver, so 2 overrides 1
 
-    _save_nifti_atomic(_nifti(volume, affine), image_path)
-    _save_nifti_atomic(_nifti(label, affine), label_path)
-    _write_json_atomic({
+    save_nifti_atomic(_nifti(volume, affine), image_path)
+    save_nifti_atomic(_nifti(label, affine), label_path)
+    write_json_atomic(record, {
         "signature": signature,
         "source": str(folder),
         "liver": livers,
         "liver_tumor": tumors,
         "ignored": [s for s in structures if s not in livers and s not in tumors],
         "slice_order": _slice_positions(image_slices, str(folder))[1],
-    }, record)
+    })
     return case
 
 
@@ -481,14 +457,10 @@ def _as_nifti(path: Path, cache: Path) -> Path:
     target = cache / f"{_strip_suffix(path.name)}.nii.gz"
     if target.is_file() and target.stat().st_mtime_ns >= path.stat().st_mtime_ns:
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".nii.gz", dir=target.parent)
-    os.close(fd)
     try:
-        sitk.WriteImage(sitk.ReadImage(str(path)), tmp)
-        os.replace(tmp, target)
+        with atomic_path(target, suffix=".nii.gz") as tmp:
+            sitk.WriteImage(sitk.ReadImage(str(path)), str(tmp))
     except RuntimeError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise AqcfError(f"{path}: cannot read as an image ({err})") from err
     return target
 
@@ -609,8 +581,8 @@ def read_liverhccseg(
                     )
                 data = np.asanyarray(mask_image.dataobj).reshape(shape)
                 label[data > 0] = value  # tumor after liver: 2 overrides 1
-            _save_nifti_atomic(_nifti(label, reference.affine), label_path)
-            _write_json_atomic({"signature": signature, "image": str(image)}, record)
+            save_nifti_atomic(_nifti(label, reference.affine), label_path)
+            write_json_atomic(record, {"signature": signature, "image": str(image)})
         cases.append(Case(id=folder.name, modality=MRI, image=image_nifti, label=label_path))
     if skipped:
         warnings.warn(f"{root}: skipped {len(skipped)} case(s) without both masks of rater {rater!r}: "

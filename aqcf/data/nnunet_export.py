@@ -21,7 +21,7 @@ from aqcf.constants import CT, MRI, check_modality
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.splits import check_splits
 from aqcf.errors import AqcfError
-from aqcf.evaluation.evaluate import write_text_atomic
+from aqcf.io import write_text_atomic
 
 __all__ = ["CHANNEL_NAMES", "LABELS", "SPLITS_NAME", "dataset_folder", "export_nnunet", "main"]
 

@@ -31,8 +31,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -53,6 +51,7 @@ from aqcf.data.cohorts import (
     validate_case,
 )
 from aqcf.errors import AqcfError
+from aqcf.io import save_nifti_atomic, write_json_atomic
 
 __all__ = [
     "PIPELINE_VERSION",
@@ -320,31 +319,11 @@ def restore_to_original(label_array, record: dict) -> np.ndarray:
 def _atomic_save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     import nibabel as nib
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii", dir=path.parent)
-    os.close(fd)
-    try:
-        img = nib.Nifti1Image(array, affine)
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        img.header.set_xyzt_units("mm")
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_json(data, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    save_nifti_atomic(img, path)
 
 
 def preprocess_case(case: Case, settings: PreprocessSettings, folder: str | Path) -> dict:
@@ -382,7 +361,7 @@ def preprocess_case(case: Case, settings: PreprocessSettings, folder: str | Path
         _atomic_save_nifti(label, affine, folder / entry["label"])
     entry.update(record)
     entry["seconds"] = round(time.perf_counter() - start, 3)
-    _atomic_write_json(entry, folder / "records" / f"{case.id}.json")
+    write_json_atomic(folder / "records" / f"{case.id}.json", entry, indent=1)
     return entry
 
 
@@ -558,7 +537,7 @@ def preprocess_cohort(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "cases": [records[c.id] for c in cases],
     }
-    _atomic_write_json(manifest, folder / MANIFEST)
+    write_json_atomic(folder / MANIFEST, manifest, indent=1)
     return Manifest.load(folder)
 
 

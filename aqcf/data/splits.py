@@ -9,14 +9,13 @@ taken to be one patient (true of LiTS and ATLAS).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from aqcf.errors import AqcfError
+from aqcf.io import write_json_atomic
 
 __all__ = ["make_splits", "load_or_create_splits", "check_splits"]
 
@@ -122,13 +121,5 @@ def load_or_create_splits(
         check_splits(splits, case_ids, n_folds, path)
         return [{"train": list(map(str, f["train"])), "val": list(map(str, f["val"]))} for f in splits]
     splits = make_splits(case_ids, has_tumor, n_folds, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(splits, handle, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_json_atomic(path, splits, indent=1)
     return splits

@@ -23,10 +23,8 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +43,7 @@ from aqcf.evaluation.metrics import (
     evaluate_case,
     summarise,
 )
+from aqcf.io import write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "REF_FORMATS",
@@ -69,26 +68,6 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net's image channel suffix, e.g. CASE_0000
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` (UTF-8) to ``path`` atomically, see :func:`write_bytes_atomic`."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
 
 
 def case_id(path: str | Path) -> str:

@@ -29,8 +29,8 @@ from scipy.stats import wilcoxon
 
 from aqcf.constants import MODALITIES
 from aqcf.errors import AqcfError
-from aqcf.evaluation.evaluate import write_bytes_atomic, write_text_atomic
 from aqcf.evaluation.metrics import CLASS_LABELS, METRICS
+from aqcf.io import write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "Run",

@@ -15,7 +15,6 @@ import io
 import math
 import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from aqcf.errors import AqcfError
+from aqcf.io import write_text_atomic
 from aqcf.visualize import save_figure
 
 __all__ = ["DIRECTIONS", "GateRow", "GateRecorder", "gate_rows", "write_gate_table", "plot_gates"]
@@ -114,17 +114,6 @@ def gate_rows(values: Mapping[tuple[int, str], Sequence[float]]) -> list[GateRow
     return rows
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_gate_table(
     rows: Sequence[GateRow], out_dir: str | os.PathLike, digits: int = 2
 ) -> tuple[Path, Path]:
@@ -147,7 +136,7 @@ def write_gate_table(
     writer.writerow(GateRow._fields)
     for row in rows:
         writer.writerow(row)
-    _atomic_write_text(out / "gates.csv", buffer.getvalue())
+    write_text_atomic(out / "gates.csv", buffer.getvalue())
 
     by_key = {(row.stage, row.direction): row for row in rows}
     lines = [
@@ -166,7 +155,7 @@ def write_gate_table(
                 else f"{row.median:.{digits}f} [{row.q1:.{digits}f}, {row.q3:.{digits}f}] (n={row.n})"
             )
         lines.append(f"| Stage {stage} | " + " | ".join(cells) + " |")
-    _atomic_write_text(out / "gates.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "gates.md", "\n".join(lines) + "\n")
     return out / "gates.md", out / "gates.csv"
 
 

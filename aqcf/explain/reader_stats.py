@@ -26,7 +26,6 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 from scipy import stats
 
 from aqcf.errors import AqcfError
+from aqcf.io import write_text_atomic
 
 __all__ = [
     "COLUMNS",
@@ -277,25 +277,14 @@ def format_table(study: ReaderStudy) -> str:
     )
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_reader_table(study: ReaderStudy, out_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``reader_study.md`` (Table 8) and ``reader_study.json`` (every number, full precision)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = asdict(study)
     record["kappa"] = None if math.isnan(study.kappa) else study.kappa
-    _atomic_write_text(out / "reader_study.md", format_table(study) + "\n")
-    _atomic_write_text(out / "reader_study.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out / "reader_study.md", format_table(study) + "\n")
+    write_text_atomic(out / "reader_study.json", json.dumps(record, indent=2) + "\n")
     return out / "reader_study.md", out / "reader_study.json"
 
 

@@ -357,7 +357,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from tqdm.auto import tqdm
 
-    from aqcf.evaluation.evaluate import write_text_atomic
     from aqcf.explain.features import feature_maps, plot_feature_maps
     from aqcf.explain.gates import GateRecorder, plot_gates, write_gate_table
     from aqcf.explain.metrics import saliency_metrics, summarise_saliency
@@ -369,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         extract_window,
         plot_saliency,
     )
+    from aqcf.io import write_text_atomic
     from aqcf.visualize import pick_slices, save_figure
 
     out = Path(args.out)

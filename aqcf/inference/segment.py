@@ -33,6 +33,7 @@ import numpy as np
 
 from aqcf.constants import MODALITIES
 from aqcf.errors import AqcfError
+from aqcf.io import save_nifti_atomic
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -148,17 +149,7 @@ def write_mask(path: str | Path, labels: np.ndarray, reference: nib.spatialimage
     image = type(reference)(np.asarray(labels, dtype=np.uint8), reference.affine, header=header)
     # labels are stored as they are: no intensity scaling inherited from the scan
     image.header.set_slope_inter(1.0, 0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return save_nifti_atomic(image, path)
 
 
 @contextlib.contextmanager
@@ -225,8 +216,8 @@ def segment_scans(
     """
     from tqdm.auto import tqdm
 
-    from aqcf.evaluation.evaluate import write_text_atomic
     from aqcf.inference.measures import format_measures, scan_measures
+    from aqcf.io import write_text_atomic
 
     modality = predictor.check_modality(modality)
     out_dir = Path(out_dir)

@@ -72,9 +72,9 @@ class PredictionMaskWriter(BasePredictionWriter):
     ) -> None:
         if prediction is None:  # a modality the model does not serve
             return
-        from aqcf.evaluation.evaluate import write_text_atomic
         from aqcf.inference.measures import scan_measures
         from aqcf.inference.segment import write_mask
+        from aqcf.io import write_text_atomic
 
         record = prediction.get("record")
         if not record or "source_image" not in record:
