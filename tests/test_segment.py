@@ -216,7 +216,6 @@ def test_predict_writes_masks_for_the_configured_cases(tiny_phantoms, tiny_run, 
         "--data.cache_dir", str(tiny_phantoms / "cache"),
         "--trainer.default_root_dir", str(root),
         "--ckpt_path", str(tiny_run / "checkpoints" / "best.ckpt"),
-        "--trainer.callbacks+=aqcf.inference.writer.PredictionMaskWriter",
     ]
     assert main(args) == 0
     sources = {}

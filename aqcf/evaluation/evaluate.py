@@ -105,6 +105,9 @@ class Reference:
     aliases: tuple[str, ...]
 
 
+SEGMENT_SUFFIX = "_seg"
+
+
 def _aliases(case_key: str, *paths: Path | None) -> tuple[str, ...]:
     names = [case_key]
     for path in paths:
@@ -112,6 +115,8 @@ def _aliases(case_key: str, *paths: Path | None) -> tuple[str, ...]:
             continue
         stem = case_id(path)
         names += [stem, CHANNEL_SUFFIX.sub("", stem)]
+    # masks written by `aqcf segment` carry its default suffix: scan.nii.gz -> scan_seg.nii.gz
+    names += [f"{name}{SEGMENT_SUFFIX}" for name in names]
     return tuple(dict.fromkeys(names))
 
 

@@ -9,11 +9,10 @@ source scan's voxel grid (:func:`aqcf.data.preprocess.restore_to_original`) and 
   geometry (case ids are the cohort's, e.g. ``lits-3``, so ``aqcf evaluate`` matches them);
 * ``<output_dir>/<case id>.json``: the clinical measures of :mod:`aqcf.inference.measures`.
 
-``output_dir`` defaults to ``<trainer.default_root_dir>/predictions``. Add the callback on the command
-line or in a config::
+``output_dir`` defaults to ``<trainer.default_root_dir>/predictions``. ``aqcf`` attaches the callback to
+every LightningCLI run (settings ``--prediction_writer.*``); it acts only in ``predict``::
 
-    aqcf predict --config configs/lits_atlas.yaml --ckpt_path runs/lits_atlas/fold0/checkpoints/best.ckpt \\
-        --trainer.callbacks+=aqcf.inference.writer.PredictionMaskWriter
+    aqcf predict --config configs/lits_atlas.yaml --ckpt_path runs/lits_atlas/fold0/checkpoints/best.ckpt
 
 After writing, the label tensor is dropped from the returned prediction (replaced by the mask's path and
 the measures), so ``Trainer.predict`` does not keep every volume in memory.

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from aqcf.data.datamodule import UnpairedDataModule
 from aqcf.errors import AqcfError
+from aqcf.inference.writer import PredictionMaskWriter
 from aqcf.models.segmentation import MONITOR, SegmentationModule
 from aqcf.training.callbacks import ValidationOverlays
 from aqcf.training.checkpoint_io import AtomicCheckpointIO
@@ -85,6 +86,8 @@ class AqcfCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ValidationOverlays, "overlays")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        # `aqcf predict` writes masks in each scan's original geometry (inactive in fit/validate/test)
+        parser.add_lightning_class_args(PredictionMaskWriter, "prediction_writer")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         # the sliding window of validation is the training patch
         parser.link_arguments("data.patch_size", "model.patch_size")
