@@ -112,7 +112,7 @@ def demo_report(run: Path, out: Path, timings: dict[str, float] | None = None) -
     table = "\n".join(lines)
     figures = []
     try:
-        plot_curves([run], out / "curves.png", title="demo training")
+        plot_curves([run / "csv"], out / "curves.png", title="demo training")  # the CSV logger's folder
         figures.append("![training curves](curves.png)")
     except AqcfError as err:  # no logged epochs yet
         figures.append(f"(no training curves: {err})")

@@ -155,3 +155,23 @@ def test_ddp_two_processes_reduce_validation(tiny_phantoms, tiny_run, tmp_path):
         results[devices] = _metrics(root)
     for key in ("val/dice_ct_liver", "val/dice_mri_tumor", "val/dice_mean"):
         assert results[2][key] == pytest.approx(results[1][key], abs=1e-5), key
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    """`aqcf demo` with configs/demo.yaml (made tiny): phantoms, fit, held-out test, report with pictures."""
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--n-ct", "5", "--n-mri", "5", "--shape", "48", "48", "24",
+            "--fit-args", f"--config {REPO / 'tests' / 'configs' / 'tiny_cpu.yaml'}"]
+    assert main(args) == 0
+    assert (out / "phantoms" / "LiTS" / "volume-0.nii").is_file()
+    assert (out / "phantoms" / "ATLAS" / "imagesTr" / "im0.nii.gz").is_file()
+    summary = json.loads((out / "run" / "test" / "summary.json").read_text())
+    assert set(summary["per_modality"]) == {"ct", "mri"}
+    report = (out / "report.md").read_text()
+    assert "| CT | tumor |" in report and "| MRI | liver |" in report
+    assert (out / "curves.png").is_file()
+    assert len(list((out / "run" / "test" / "overlays").glob("*.png"))) == 2  # one held-out case per modality
+    # a second call reuses everything and only rewrites the report
+    mtime = (out / "run" / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "run" / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
