@@ -16,16 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from aqcf.constants import check_modality
 from aqcf.errors import AqcfError
-from aqcf.explain.saliency import available_layers, check_layer, display_slice, normalise_maps
+from aqcf.explain.saliency import available_layers, case_map_grid, check_layer, normalise_maps
 
 __all__ = [
     "MEAN_ABS",
@@ -42,8 +40,6 @@ MEAN_ABS = "mean_abs"
 PCA = "pca"
 SUMMARIES = (MEAN_ABS, PCA)
 HEAT_CMAP = "viridis"
-PANEL_INCHES = 2.0
-DPI = 100
 
 
 def feature_layers(network: nn.Module, modality: str) -> dict[str, str]:
@@ -161,52 +157,10 @@ def feature_maps(
 def plot_feature_maps(rows: Sequence[Mapping[str, object]], title: str | None = None) -> Figure:
     """Figure 8: per row the image, the ground truth and the feature maps of one case, on one axial slice.
 
-    Args:
-        rows: one mapping per case with ``"name"`` (row label), ``"image"`` (X, Y) slice in [0, 1],
-            ``"label"`` (X, Y) labels, ``"maps"`` ``{title: (X, Y) in [0, 1]}`` (the same titles in every
-            row), ``"orientation"`` (axis codes, e.g. ``"RAS"``) and ``"spacing"`` (mm, for the pixel
-            aspect).
-        title: optional figure title.
-
-    Returns:
-        A matplotlib figure on an Agg canvas.
+    ``rows`` as in :func:`aqcf.explain.saliency.case_map_grid`, the maps being channel summaries in [0, 1].
     """
-    from aqcf.visualize import overlay
 
-    if not rows:
-        raise AqcfError("feature-map figure: no case to draw")
-    map_titles = list(rows[0]["maps"])
-    columns = ["image", "ground truth", *map_titles]
-    first = np.asarray(rows[0]["image"])
-    fig = Figure(
-        figsize=(PANEL_INCHES * len(columns), PANEL_INCHES * len(rows) * first.shape[1] / first.shape[0] + 0.6),
-        dpi=DPI,
-    )
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(len(rows), len(columns), squeeze=False)
-    for r, row in enumerate(rows):
-        orientation = str(row["orientation"])
-        spacing = row.get("spacing")
-        aspect = 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
-        image = np.asarray(row["image"], dtype=np.float64)
-        panels = [
-            (display_slice(image, orientation), {"cmap": "gray", "vmin": 0.0, "vmax": 1.0}),
-            (overlay(image, np.asarray(row["label"]), window=(0.0, 1.0), orientation=orientation), {}),
-        ]
-        panels += [
-            (display_slice(np.asarray(row["maps"][t]), orientation), {"cmap": HEAT_CMAP, "vmin": 0.0, "vmax": 1.0})
-            for t in map_titles
-        ]
-        for c, (shown, style) in enumerate(panels):
-            ax = axes[r, c]
-            ax.imshow(shown, aspect=aspect, interpolation="nearest", **style)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(columns[c], fontsize=8)
-            if c == 0:
-                ax.set_ylabel(str(row["name"]), fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.95 if title else 1))
-    return fig
+    def draw(ax, heat, grey, label, orientation, aspect) -> None:
+        ax.imshow(heat, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
+
+    return case_map_grid(rows, draw, "feature-map figure", title)

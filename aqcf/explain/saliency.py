@@ -26,7 +26,7 @@ representation uses, at 1/16 of the resolution.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -418,17 +418,22 @@ def display_slice(slice_xy: np.ndarray, orientation: str) -> np.ndarray:
         return np.asarray(slice_xy).T
 
 
-def plot_saliency(rows: Sequence[Mapping[str, object]], title: str | None = None) -> Figure:
-    """Figure 7: per row the image, the ground truth and the saliency heat maps of one case, one axial slice.
-
-    Heat maps are drawn with the ``jet`` colour map over the grey image, the ground-truth tumor outlined
-    in white.
+def case_map_grid(
+    rows: Sequence[Mapping[str, object]],
+    draw_map: Callable[..., None],
+    what: str,
+    title: str | None = None,
+) -> Figure:
+    """A figure with one row per case: the image, the ground truth, then one panel per map.
 
     Args:
         rows: one mapping per case with ``"name"`` (row label), ``"image"`` (X, Y) slice in [0, 1],
-            ``"label"`` (X, Y) labels, ``"maps"`` ``{title: (X, Y) saliency in [0, 1]}`` (the same titles
-            in every row), ``"orientation"`` (axis codes, e.g. ``"RAS"``) and ``"spacing"`` (mm, for the
-            pixel aspect).
+            ``"label"`` (X, Y) labels, ``"maps"`` ``{title: (X, Y) in [0, 1]}`` (the same titles in every
+            row), ``"orientation"`` (axis codes, e.g. ``"RAS"``) and ``"spacing"`` (mm, for the pixel
+            aspect).
+        draw_map: ``draw_map(ax, heat, grey, label, orientation, aspect)`` draws one map panel, with
+            ``heat`` and ``grey`` already in display orientation.
+        what: the figure's name in the error for an empty ``rows``.
         title: optional figure title.
 
     Returns:
@@ -437,7 +442,7 @@ def plot_saliency(rows: Sequence[Mapping[str, object]], title: str | None = None
     from aqcf.visualize import overlay
 
     if not rows:
-        raise AqcfError("saliency figure: no case to draw")
+        raise AqcfError(f"{what}: no case to draw")
     map_titles = list(rows[0]["maps"])
     columns = ["image", "ground truth", *map_titles]
     first = np.asarray(rows[0]["image"])
@@ -454,7 +459,6 @@ def plot_saliency(rows: Sequence[Mapping[str, object]], title: str | None = None
         image = np.asarray(row["image"], dtype=np.float64)
         label = np.asarray(row["label"])
         grey = display_slice(image, orientation)
-        tumor = display_slice((label == TUMOR_CLASS).astype(float), orientation)
         for c, column in enumerate(columns):
             ax = axes[r, c]
             if column == "image":
@@ -464,10 +468,7 @@ def plot_saliency(rows: Sequence[Mapping[str, object]], title: str | None = None
                 ax.imshow(shown, aspect=aspect, interpolation="nearest")
             else:
                 heat = display_slice(np.asarray(row["maps"][column]), orientation)
-                ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
-                ax.imshow(heat, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, alpha=HEAT_ALPHA, aspect=aspect)
-                if tumor.any():
-                    ax.contour(tumor, levels=[0.5], colors="white", linewidths=0.8)
+                draw_map(ax, heat, grey, label, orientation, aspect)
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
@@ -478,3 +479,20 @@ def plot_saliency(rows: Sequence[Mapping[str, object]], title: str | None = None
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95 if title else 1))
     return fig
+
+
+def plot_saliency(rows: Sequence[Mapping[str, object]], title: str | None = None) -> Figure:
+    """Figure 7: per row the image, the ground truth and the saliency heat maps of one case, one axial slice.
+
+    Heat maps are drawn with the ``jet`` colour map over the grey image, the ground-truth tumor outlined
+    in white. ``rows`` as in :func:`case_map_grid`.
+    """
+
+    def draw(ax, heat, grey, label, orientation, aspect) -> None:
+        ax.imshow(grey, cmap="gray", vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
+        ax.imshow(heat, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, alpha=HEAT_ALPHA, aspect=aspect)
+        tumor = display_slice((label == TUMOR_CLASS).astype(float), orientation)
+        if tumor.any():
+            ax.contour(tumor, levels=[0.5], colors="white", linewidths=0.8)
+
+    return case_map_grid(rows, draw, "saliency figure", title)
