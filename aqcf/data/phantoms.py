@@ -12,7 +12,7 @@ gallbladder; spleen, stomach (with a gas pocket), bowel loops (wall, fluid, gas)
 muscles; tumors of random number, radius and contrast inside the liver, some with a necrotic core
 (and, on MRI, an enhancing capsule).
 
-CT (LiTS-like, the calibration of ``DESIGN.md`` §4): int16 Hounsfield units, liver 55–70 HU,
+CT (LiTS-like, the realistic calibration described in docs/data.md): int16 Hounsfield units, liver 55–70 HU,
 tumors 0–4 per case of radius 3–15 mm, 85% hypodense (20–45 HU) and 15% hyperdense (80–100 HU),
 organs and vessels that overlap the tumors' HU, Gaussian noise of 10–15 HU, stored in LPS
 orientation at 2×2×3 mm. MRI (ATLAS-like, contrast-enhanced fat-suppressed T1): every case has
@@ -179,7 +179,7 @@ class PhantomConfig:
 
 
 def ct_config(**overrides) -> PhantomConfig:
-    """The LiTS-like CT phantom of ``DESIGN.md`` §4, with any field replaced by ``overrides``."""
+    """The LiTS-like CT phantom (realistic calibration, docs/data.md), with any field replaced by ``overrides``."""
     return PhantomConfig(modality=CT, **overrides)
 
 
