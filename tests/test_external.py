@@ -10,13 +10,12 @@ import zipfile
 import nibabel as nib
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.external import is_ircadb_liver_tumor, read_ircadb, read_liverhccseg
 from aqcf.errors import AqcfError
 from aqcf.evaluation.evaluate import evaluate_folder
+from tests.dicom_writer import write_ct_slice
 
 ROWS, COLUMNS, SLICES = 12, 16, 6  # non-square so a transposed slice cannot pass
 ROW_SPACING, COLUMN_SPACING = 0.7, 0.8  # DICOM PixelSpacing = [between rows, between columns]
@@ -40,33 +39,9 @@ def _hu(slice_index):
 
 
 def _write_slice(path, pixels, slice_index, bits=16, intercept=None, geometry=True):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.InstanceNumber = SLICES - slice_index
-    if geometry:
-        ds.ImagePositionPatient = [float(ORIGIN[0]), float(ORIGIN[1]), float(_z(slice_index))]
-        ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [ROW_SPACING, COLUMN_SPACING]
-    ds.SliceThickness = SLICE_STEP
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    if intercept is not None:
-        ds.RescaleIntercept = intercept
-        ds.RescaleSlope = 1
-    ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    position = [float(ORIGIN[0]), float(ORIGIN[1]), float(_z(slice_index))] if geometry else None
+    write_ct_slice(path, pixels, spacing=(ROW_SPACING, COLUMN_SPACING), position=position,
+                   instance=SLICES - slice_index, thickness=SLICE_STEP, bits=bits, intercept=intercept)
 
 
 def _region(lo, hi):

@@ -11,12 +11,11 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 from aqcf.cli import main
+from tests.dicom_writer import write_ct_slice
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--overlap", "0.25", "--no-progress"]
@@ -118,33 +117,6 @@ def test_folder_input_png_and_overwrite(tiny_phantoms, ckpt, tmp_path, capsys):
     assert mask.stat().st_mtime_ns != stamp
 
 
-def _write_dicom_slice(path, stored, position, spacing):
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.SeriesInstanceUID = "1.2.3.4"
-    ds.Modality = "CT"
-    ds.ImagePositionPatient = [float(v) for v in position]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = list(spacing)
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = HU_FLOOR
-    ds.RescaleSlope = 1
-    ds.PixelData = stored.astype(np.uint16).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-
-
 def test_dicom_series_input(tiny_phantoms, ckpt, tmp_path):
     hu = np.maximum(_phantom_ct(tiny_phantoms, 1)[:, 4:44, :], HU_FLOOR)  # (x = columns 48, y = rows 40, z 24)
     row_spacing, column_spacing, step = 1.9, 2.1, 3.0
@@ -154,7 +126,8 @@ def test_dicom_series_input(tiny_phantoms, ckpt, tmp_path):
     random.Random(0).shuffle(order)  # file names say nothing about slice order
     for k, z in enumerate(order):
         stored = (hu[:, :, z].T.astype(np.int32) - HU_FLOOR).astype(np.uint16)  # (rows, columns)
-        _write_dicom_slice(series / f"IM{k:04d}", stored, origin + [0, 0, z * step], (row_spacing, column_spacing))
+        write_ct_slice(series / f"IM{k:04d}", stored, spacing=(row_spacing, column_spacing),
+                       position=origin + [0, 0, z * step], intercept=HU_FLOOR, series_uid="1.2.3.4")
     (series / "notes.txt").write_text("not DICOM, ignored")
     # the same voxels as NIfTI: LPS -> RAS negates x and y
     expected_affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.array(
