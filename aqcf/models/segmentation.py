@@ -155,7 +155,8 @@ class SegmentationModule(L.LightningModule):
         log["train/dice_mean"] = torch.stack(dices).mean()
         for key, gate in getattr(self.network, "last_gates", {}).items():
             log[f"gates/{key}"] = gate.float().mean()
-        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=True, batch_size=batch_size)
+        # sync_dist: under DDP the epoch means (losses, λ) cover every rank's batches, not rank 0's alone
+        self.log_dict(log, prog_bar=False, on_step=True, on_epoch=True, batch_size=batch_size, sync_dist=True)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
 
