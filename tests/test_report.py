@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import re
 
 import numpy as np
 import pytest
 
 from aqcf.cli import main as aqcf_main
 from aqcf.errors import AqcfError
-from aqcf.evaluation.report import load_run, min_exact_p, write_report
+from aqcf.evaluation.report import load_run, min_exact_p, run_colors, write_report
 
 # fold-wise per-case means, fold0..fold4; "full" is the baseline
 TUMOR_CT = {
@@ -161,3 +162,29 @@ def test_command_line(runs, tmp_path, capsys):
         rows = list(csv.DictReader(handle))
     assert {r["baseline"] for r in rows} == {"Full model"}
     assert len(rows) == 2 * 2 * 2 * 2  # modalities x classes x metrics x compared runs
+
+
+def test_undefined_distances_are_counted_and_flagged(runs, tmp_path):
+    # nogate: fold1 and fold3 each had CT tumor cases with an empty prediction (HD95 undefined there)
+    for fold, undefined in ((1, 2), (3, 1)):
+        path = runs / "nogate" / f"fold{fold}" / "test" / "summary.json"
+        summary = json.loads(path.read_text())
+        summary["per_modality"]["ct"]["tumor"]["hd95"]["n_undefined"] = undefined
+        path.write_text(json.dumps(summary))
+    result = write_report(_load(runs), tmp_path / "out")
+    ct = {row["run"]: row for row in result["tables"]["ct"]}
+    assert ct["nogate"]["hd95_tumor_undefined"] == 3
+    assert ct["full"]["hd95_tumor_undefined"] == 0
+    assert ct["nogate"]["dice_tumor_undefined"] == 0
+    markdown = (tmp_path / "out" / "report.md").read_text()
+    nogate_ct = next(line for line in markdown.splitlines() if line.startswith("| nogate |"))
+    assert nogate_ct.count("[3 undef.]") == 1
+    assert re.findall(r"\[\d+ undef\.\]", markdown) == ["[3 undef.]"]
+    assert "[k undef.]: k cases" in markdown
+
+
+@pytest.mark.parametrize("n", [3, 10, 15, 20])
+def test_chart_gives_every_run_its_own_colour(n):
+    colors = run_colors(n)
+    assert len(colors) == n
+    assert len(set(colors)) == n

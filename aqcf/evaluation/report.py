@@ -42,6 +42,7 @@ __all__ = [
     "significance_table",
     "ablation_table",
     "min_exact_p",
+    "run_colors",
     "write_report",
     "main",
 ]
@@ -133,6 +134,13 @@ def fold_scores(run: Run, modality: str, cls: str, metric: str) -> dict[str, flo
     return scores
 
 
+def _n_undefined(per_modality: Mapping, modality: str, cls: str, metric: str) -> int:
+    try:
+        return int(per_modality[modality][cls][metric].get("n_undefined") or 0)
+    except (KeyError, TypeError, AttributeError, ValueError):
+        return 0
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
     """Mean, sample SD (ddof 1; NaN for fewer than two values) and count."""
     arr = np.asarray(list(values), dtype=float)
@@ -151,7 +159,9 @@ def results_table(runs: Sequence[Run], modality: str) -> list[dict]:
 
     Returns:
         One dict per run that has results for ``modality``: ``run``, ``n_folds`` and
-        ``{metric}_{class}_mean`` / ``_sd`` / ``_n`` (Dice as a fraction, distances in mm).
+        ``{metric}_{class}_mean`` / ``_sd`` / ``_n`` (Dice as a fraction, distances in mm) /
+        ``_undefined`` (cases, summed over folds, left out of the per-case means as undefined: a distance
+        where exactly one of prediction and reference is empty).
     """
     rows = []
     for run in runs:
@@ -160,7 +170,9 @@ def results_table(runs: Sequence[Run], modality: str) -> list[dict]:
         for metric in METRICS:
             for cls in CLASSES:
                 mean, sd, n = mean_sd(fold_scores(run, modality, cls, metric).values())
-                row.update({f"{metric}_{cls}_mean": mean, f"{metric}_{cls}_sd": sd, f"{metric}_{cls}_n": n})
+                undefined = sum(_n_undefined(fold, modality, cls, metric) for fold in run.folds.values())
+                row.update({f"{metric}_{cls}_mean": mean, f"{metric}_{cls}_sd": sd, f"{metric}_{cls}_n": n,
+                            f"{metric}_{cls}_undefined": undefined})
                 n_folds = max(n_folds, n)
         if n_folds:
             rows.append({"run": run.name, "n_folds": n_folds, **{k: v for k, v in row.items() if k != "run"}})
@@ -288,9 +300,17 @@ def _results_markdown(rows: Sequence[Mapping]) -> str:
             _, scale, decimals = DISPLAY[metric]
             for cls in CLASSES:
                 mean, sd = row[f"{metric}_{cls}_mean"], row[f"{metric}_{cls}_sd"]
-                cells.append(f"{_fmt(mean, decimals, scale)} ± {_fmt(sd, decimals, scale)}")
+                cell = f"{_fmt(mean, decimals, scale)} ± {_fmt(sd, decimals, scale)}"
+                if row.get(f"{metric}_{cls}_undefined"):
+                    cell += f" [{row[f'{metric}_{cls}_undefined']} undef.]"
+                cells.append(cell)
         body.append(cells)
-    return _markdown(header, body)
+    table = _markdown(header, body)
+    if any(row.get(f"{m}_{c}_undefined") for row in rows for m in METRICS for c in CLASSES):
+        table += ("\n\n[k undef.]: k cases (over all folds) where exactly one of prediction and reference is "
+                  "empty, so the distance is undefined; the mean covers the other cases only "
+                  "(`aqcf evaluate --empty-distance diagonal` scores them instead).")
+    return table
 
 
 def _significance_markdown(rows: Sequence[Mapping], alpha: float) -> str:
@@ -326,14 +346,24 @@ def _folds_rows(runs: Sequence[Run]) -> list[dict]:
     return rows
 
 
-def _dice_chart(tables: Mapping[str, Sequence[Mapping]]) -> bytes:
+def run_colors(n: int) -> list[tuple[float, ...]]:
+    """One colour per run: Matplotlib's tab10 up to 10 runs, tab20 up to 20, then tab20 again."""
+    import matplotlib
+
+    palette = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
+    return [tuple(palette[i % len(palette)]) for i in range(n)]
+
+
+def _dice_chart(tables: Mapping[str, Sequence[Mapping]], order: Sequence[str]) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     groups = [(m, c) for m in MODALITIES if tables.get(m) for c in CLASSES]
-    names = list(dict.fromkeys(r["run"] for m in MODALITIES for r in tables.get(m, [])))
+    present = {r["run"] for m in MODALITIES for r in tables.get(m, [])}
+    names = [name for name in order if name in present]
+    colors = run_colors(len(names))
     width = 0.8 / max(len(names), 1)
     legend_rows = math.ceil(len(names) / 4)
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 4.0 + 0.25 * legend_rows))
@@ -344,7 +374,7 @@ def _dice_chart(tables: Mapping[str, Sequence[Mapping]]) -> bytes:
             means.append(100 * row[f"dice_{cls}_mean"] if row else math.nan)
             sds.append(100 * row[f"dice_{cls}_sd"] if row and math.isfinite(row[f"dice_{cls}_sd"]) else 0.0)
         positions = np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width
-        ax.bar(positions, means, width, yerr=sds, capsize=2, label=name)
+        ax.bar(positions, means, width, yerr=sds, capsize=2, label=name, color=colors[i])
     ax.set_xticks(np.arange(len(groups)))
     ax.set_xticklabels([f"{MODALITY_TITLES[m]} {c}" for m, c in groups])
     ax.set_ylabel("Dice (%), mean ± SD across folds")
@@ -428,7 +458,7 @@ def write_report(
     write_text_atomic(out / "significance.csv", _csv(significance))
     write_text_atomic(out / "ablation.csv", _csv(ablation))
     write_text_atomic(out / "folds.csv", _csv(_folds_rows(runs)))
-    write_bytes_atomic(out / "dice.png", _dice_chart(tables))
+    write_bytes_atomic(out / "dice.png", _dice_chart(tables, [run.name for run in runs]))
     return {"tables": tables, "significance": significance, "ablation": ablation}
 
 
