@@ -121,24 +121,23 @@ def load_run(name: str, path: str | Path, pattern: str = f"**/{SUMMARY_NAME}") -
     return run
 
 
+def _stats(per_modality: Mapping, modality: str, cls: str, metric: str) -> Mapping:
+    """One fold's ``{"mean", "std", "n", "n_undefined", ...}`` for a modality, class and metric; ``{}`` if absent."""
+    try:
+        stats = per_modality[modality][cls][metric]
+    except (KeyError, TypeError):
+        return {}
+    return stats if isinstance(stats, Mapping) else {}
+
+
 def fold_scores(run: Run, modality: str, cls: str, metric: str) -> dict[str, float]:
     """Fold key -> the fold's per-case mean of ``metric`` for ``cls`` on ``modality`` (defined folds only)."""
     scores = {}
     for key, per_modality in run.folds.items():
-        try:
-            value = per_modality[modality][cls][metric]["mean"]
-        except (KeyError, TypeError):
-            continue
+        value = _stats(per_modality, modality, cls, metric).get("mean")
         if value is not None and math.isfinite(float(value)):
             scores[key] = float(value)
     return scores
-
-
-def _n_undefined(per_modality: Mapping, modality: str, cls: str, metric: str) -> int:
-    try:
-        return int(per_modality[modality][cls][metric].get("n_undefined") or 0)
-    except (KeyError, TypeError, AttributeError, ValueError):
-        return 0
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float, int]:
@@ -170,7 +169,8 @@ def results_table(runs: Sequence[Run], modality: str) -> list[dict]:
         for metric in METRICS:
             for cls in CLASSES:
                 mean, sd, n = mean_sd(fold_scores(run, modality, cls, metric).values())
-                undefined = sum(_n_undefined(fold, modality, cls, metric) for fold in run.folds.values())
+                undefined = sum(int(_stats(fold, modality, cls, metric).get("n_undefined") or 0)
+                                for fold in run.folds.values())
                 row.update({f"{metric}_{cls}_mean": mean, f"{metric}_{cls}_sd": sd, f"{metric}_{cls}_n": n,
                             f"{metric}_{cls}_undefined": undefined})
                 n_folds = max(n_folds, n)
@@ -294,6 +294,7 @@ def _csv(rows: Sequence[Mapping]) -> str:
 def _results_markdown(rows: Sequence[Mapping]) -> str:
     header = ["Run", "Folds"] + [f"{DISPLAY[m][0]} {c.capitalize()}" for m in METRICS for c in CLASSES]
     body = []
+    any_undefined = False
     for row in rows:
         cells = [row["run"], str(row["n_folds"])]
         for metric in METRICS:
@@ -301,12 +302,14 @@ def _results_markdown(rows: Sequence[Mapping]) -> str:
             for cls in CLASSES:
                 mean, sd = row[f"{metric}_{cls}_mean"], row[f"{metric}_{cls}_sd"]
                 cell = f"{_fmt(mean, decimals, scale)} ± {_fmt(sd, decimals, scale)}"
-                if row.get(f"{metric}_{cls}_undefined"):
-                    cell += f" [{row[f'{metric}_{cls}_undefined']} undef.]"
+                undefined = row.get(f"{metric}_{cls}_undefined", 0)
+                if undefined:
+                    cell += f" [{undefined} undef.]"
+                    any_undefined = True
                 cells.append(cell)
         body.append(cells)
     table = _markdown(header, body)
-    if any(row.get(f"{m}_{c}_undefined") for row in rows for m in METRICS for c in CLASSES):
+    if any_undefined:
         table += ("\n\n[k undef.]: k cases (over all folds) where exactly one of prediction and reference is "
                   "empty, so the distance is undefined; the mean covers the other cases only "
                   "(`aqcf evaluate --empty-distance diagonal` scores them instead).")
