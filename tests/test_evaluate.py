@@ -157,5 +157,5 @@ def test_label_values_outside_0_1_2_name_the_file(folders):
     bad = np.zeros((9, 9, 10), np.uint8)
     bad[0, 0, 0] = 5
     _save(pred / "a.nii.gz", bad)
-    with pytest.raises(AqcfError, match=r"a\.nii\.gz: label values \[5\]"):
+    with pytest.raises(AqcfError, match=r"a\.nii\.gz: label values \{5\} outside \{0, 1, 2\}"):
         evaluate_folder(pred, ref, out, modality="ct", progress=False)

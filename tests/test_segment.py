@@ -147,6 +147,20 @@ def test_dicom_series_input(tiny_phantoms, ckpt, tmp_path):
     assert json.loads((out_dicom / "patient7_seg.json").read_text())["input_kind"] == "dicom"
 
 
+def test_one_volume_of_a_4d_image_keeps_its_shape(tiny_phantoms, ckpt, tmp_path):
+    source = nib.load(tiny_phantoms / "LiTS" / "volume-3.nii")
+    data = np.asarray(source.dataobj)
+    plain = _save(tmp_path / "in3d" / "scan.nii.gz", data, source.affine)
+    four_d = _save(tmp_path / "in4d" / "scan.nii.gz", data[..., None], source.affine)  # (X, Y, Z, 1)
+    for scan, out in ((plain, tmp_path / "out3d"), (four_d, tmp_path / "out4d")):
+        assert main(["segment", str(scan), "--modality", "ct", "--ckpt", ckpt, "--out", str(out), "--png", *FAST]) == 0
+    mask_3d, mask_4d = (nib.load(tmp_path / out / "scan_seg.nii.gz") for out in ("out3d", "out4d"))
+    assert mask_4d.shape == (*data.shape, 1) and mask_3d.shape == data.shape
+    np.testing.assert_array_equal(np.asarray(mask_4d.dataobj)[..., 0], np.asarray(mask_3d.dataobj))
+    assert np.asarray(mask_3d.dataobj).any()  # the comparison is not between two empty masks
+    np.testing.assert_allclose(mask_4d.affine, source.affine)
+
+
 def test_errors_are_one_line(tiny_phantoms, ckpt, tmp_path, capsys):
     scan = str(tiny_phantoms / "LiTS" / "volume-0.nii")
     out = str(tmp_path / "out")

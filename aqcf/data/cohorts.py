@@ -13,8 +13,10 @@ Three layouts are understood (``docs/data.md`` shows each tree):
   beside them (its ``file_ending`` is honoured). Case ids are the file names' ``CASE``.
 
 Readers only look at file names. :func:`validate_case` opens the files and checks what training
-relies on (readable, 3D, one channel, image and label on the same voxel grid, label values in
-{0, 1, 2}); preprocessing runs it once per case, so it is not repeated at every read.
+relies on (readable to the end, one 3D volume, a valid affine, finite voxels, image and label on the
+same voxel grid, label values in {0, 1, 2}) through the input gate, :mod:`aqcf.data.gate`, which
+also defines :func:`check_label_values` and :func:`check_same_grid` (re-exported here); preprocessing
+runs it once per case, so it is not repeated at every read.
 
 Every problem raises :class:`~aqcf.errors.AqcfError` with a one-line message naming the file.
 """
@@ -31,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from aqcf.constants import CT, MRI, check_modality
+from aqcf.data import gate
+from aqcf.data.gate import AFFINE_TOLERANCE_MM, LABEL_VALUES, check_label_values, check_same_grid
 from aqcf.errors import AqcfError
 
 __all__ = [
@@ -51,13 +55,6 @@ __all__ = [
     "validate_case",
 ]
 
-LABEL_VALUES = (0, 1, 2)
-"""Allowed label values: background, liver, tumor."""
-
-AFFINE_TOLERANCE_MM = 1e-2
-"""Largest difference (mm, per affine entry) accepted between an image's and its label's affine."""
-
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 _LITS_LABEL = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 _ATLAS_IMAGE = re.compile(r"^im(\d+)\.nii(\.gz)?$")
@@ -327,147 +324,46 @@ def read_cohort(root: str | Path, format: str, modality: str) -> list[Case]:
     return READERS[name](root, modality=modality)
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(_NIFTI_SUFFIXES)
-
-
 def read_geometry(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
-    """Read an image's voxel grid from its header, without the voxel data.
+    """Read an image's voxel grid from its header, without the voxel data (:func:`aqcf.data.gate.read_header`).
 
     Args:
-        path: A NIfTI file (read with nibabel), or any other file or DICOM folder TorchIO reads.
+        path: A NIfTI file (read with nibabel), or another image file SimpleITK reads.
 
     Returns:
-        ``(shape, affine)``: the array shape with trailing singleton axes removed, and the 4×4
-        voxel-to-world (RAS, mm) matrix.
+        ``(shape, affine)``: the spatial shape (X, Y, Z) (a singleton fourth axis removed) and the
+        4×4 voxel-to-world (RAS, mm) matrix.
 
     Raises:
-        AqcfError: The file is missing or cannot be read as an image.
+        AqcfError: The file is missing or unreadable, a ``.nii`` shorter than its header says, not
+            one 3D volume, or a degenerate affine.
     """
-    path = Path(path)
-    if not path.exists():
-        raise AqcfError(f"{path}: no such file")
-    try:
-        if _is_nifti(path):
-            import nibabel as nib
-
-            img = nib.load(str(path))
-            shape, affine = tuple(int(n) for n in img.shape), np.asarray(img.affine, dtype=float)
-        else:
-            import torchio as tio
-
-            img = tio.ScalarImage(path)
-            # TorchIO's (C, X, Y, Z) as (X, Y, Z, C), so a single channel is stripped below like NIfTI's.
-            shape, affine = tuple(int(n) for n in img.shape[1:]) + (int(img.shape[0]),), img.affine
-    except Exception as err:  # nibabel, ITK and TorchIO raise many types for a bad file
-        raise AqcfError(f"{path}: unreadable image ({type(err).__name__}: {_first_line(err)})") from err
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape, affine
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else "no detail"
+    return gate.read_header(path)
 
 
 def read_label_array(path: str | Path) -> np.ndarray:
-    """Read a label map's voxels (any integer or float dtype) as stored.
+    """Read a label map's voxels (any integer or float dtype) as stored, the file read to its end.
 
     Raises:
-        AqcfError: The file cannot be read (missing, not an image, truncated).
+        AqcfError: The file cannot be read completely (missing, not an image, truncated) or is not
+            one 3D volume.
     """
-    path = Path(path)
-    try:
-        if _is_nifti(path):
-            import nibabel as nib
-
-            return np.asanyarray(nib.load(str(path)).dataobj)
-        import torchio as tio
-
-        return tio.LabelMap(path).numpy()
-    except Exception as err:  # nibabel, ITK and TorchIO raise many types for a bad file
-        raise AqcfError(f"{path}: unreadable label map ({type(err).__name__}: {_first_line(err)})") from err
-
-
-def _present_values(array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind in "ub" or (array.dtype.kind == "i" and array.size and array.min() >= 0):
-        counts = np.bincount(array.ravel().astype(np.int64, copy=False)) if array.size else np.zeros(0)
-        return np.flatnonzero(counts)
-    return np.unique(array)
-
-
-def check_label_values(path: str | Path, array: np.ndarray | object) -> np.ndarray:
-    """Check that a label map holds only the values of :data:`LABEL_VALUES`.
-
-    Args:
-        path: The label file, for the message.
-        array: Its voxels (a numpy array or a torch tensor).
-
-    Returns:
-        The sorted values present, as integers.
-
-    Raises:
-        AqcfError: A value outside {0, 1, 2} (including non-integers) is present.
-    """
-    values = _present_values(np.asarray(array))
-    bad = [v for v in values.tolist() if v not in LABEL_VALUES]
-    if bad:
-        shown = ", ".join(f"{v:g}" for v in bad[:5]) + (", ..." if len(bad) > 5 else "")
-        raise AqcfError(f"{path}: label values {{{shown}}} outside {{0, 1, 2}}")
-    return values.astype(np.int64)
-
-
-def check_same_grid(
-    image: str | Path,
-    image_geometry: tuple[tuple[int, ...], np.ndarray],
-    label: str | Path,
-    label_geometry: tuple[tuple[int, ...], np.ndarray],
-    tolerance_mm: float = AFFINE_TOLERANCE_MM,
-) -> None:
-    """Check that an image and its label map share one voxel grid.
-
-    Args:
-        image, label: The two files, for the message.
-        image_geometry, label_geometry: ``(shape, affine)`` of each, as :func:`read_geometry` returns.
-        tolerance_mm: Largest accepted difference of any affine entry (mm).
-
-    Raises:
-        AqcfError: The image is not 3D single-channel, or shapes or affines differ.
-    """
-    (image_shape, image_affine), (label_shape, label_affine) = image_geometry, label_geometry
-    if len(image_shape) != 3:
-        raise AqcfError(f"{image}: shape {image_shape}; expected a single-channel 3D volume")
-    if tuple(label_shape) != tuple(image_shape):
-        raise AqcfError(
-            f"{label}: shape {tuple(label_shape)} differs from its image's {tuple(image_shape)} ({image})"
-        )
-    difference = float(np.max(np.abs(np.asarray(label_affine) - np.asarray(image_affine))))
-    if difference > tolerance_mm:
-        raise AqcfError(
-            f"{label}: affine differs from its image's ({image}) by up to {difference:.3g} mm "
-            f"(tolerance {tolerance_mm:g} mm)"
-        )
+    return gate.load_volume(path, finite=False).array
 
 
 def validate_case(case: Case, check_values: bool = True, tolerance_mm: float = AFFINE_TOLERANCE_MM) -> None:
-    """Check one case before it is used: readable, 3D, same grid as its label, labels in {0, 1, 2}.
+    """Check one case before it is used (:func:`aqcf.data.gate.check_case`).
+
+    Headers: readable, one 3D volume, a valid affine, the label on the image's grid. With
+    ``check_values`` also the voxels: both files complete, the image's voxels finite, label values in
+    {0, 1, 2}.
 
     Args:
         case: The case.
-        check_values: Also read the label voxels and check their values (the only check that needs
-            more than the headers).
+        check_values: Also read the voxels (the only checks that need more than the headers).
         tolerance_mm: Largest accepted difference between the image's and the label's affine (mm).
 
     Raises:
         AqcfError: One line naming the offending file.
     """
-    image_geometry = read_geometry(case.image)
-    if len(image_geometry[0]) != 3:
-        raise AqcfError(f"{case.image}: shape {image_geometry[0]}; expected a single-channel 3D volume")
-    if case.label is None:
-        return
-    label_geometry = read_geometry(case.label)
-    check_same_grid(case.image, image_geometry, case.label, label_geometry, tolerance_mm)
-    if check_values:
-        check_label_values(case.label, read_label_array(case.label))
+    gate.check_case(case, read_data=check_values, tolerance_mm=tolerance_mm)

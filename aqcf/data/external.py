@@ -18,6 +18,8 @@ table), ``leftsurretumor`` / ``rightsurretumor`` (adrenal), ``liverkyst`` (cysts
 structure. Slices are ordered by ImagePositionPatient projected on the slice normal (InstanceNumber if
 positions are missing), never by file name; the affine comes from ImagePositionPatient,
 ImageOrientationPatient, PixelSpacing and the slice step, converted from DICOM's LPS to NIfTI's RAS.
+Image and mask slices pass the input gate first (:mod:`aqcf.data.gate`: monochrome single-frame
+slices of one size, pixel spacing and orientation, evenly spaced), and so does the stacked volume.
 
 LiverHccSeg: the release's file layout is not confirmed; :func:`read_liverhccseg` takes the phase, the
 rater and the file-name patterns as arguments (defaults in ``docs/evaluation.md``).
@@ -40,6 +42,7 @@ import nibabel as nib
 import numpy as np
 
 from aqcf.constants import CT, MRI, check_modality
+from aqcf.data import gate
 from aqcf.data.cohorts import AFFINE_TOLERANCE_MM, Case, natural_key, register_reader
 from aqcf.errors import AqcfError
 from aqcf.io import atomic_path, save_nifti_atomic, write_json_atomic
@@ -124,13 +127,11 @@ def _dcmread(source: Path | bytes, name: str):
 
 
 def _slice_normal(datasets: Sequence, name: str) -> np.ndarray | None:
+    """The slice normal of a series whose slices share one orientation (:func:`gate.check_dicom_slices`)."""
     orientations = [getattr(ds, "ImageOrientationPatient", None) for ds in datasets]
     if any(o is None for o in orientations):
         return None
     first = np.asarray(orientations[0], dtype=float)
-    for other in orientations[1:]:
-        if not np.allclose(np.asarray(other, dtype=float), first, atol=1e-4):
-            raise AqcfError(f"{name}: slices have different ImageOrientationPatient")
     return np.cross(first[:3], first[3:])
 
 
@@ -159,11 +160,18 @@ def dicom_series_to_volume(
         ``(volume, affine, ordered)``: volume (columns, rows, slices) = (X, Y, Z), HU when rescaled,
         slices ordered by position along the slice normal (by InstanceNumber if positions are
         missing); the 4×4 voxel-to-RAS affine in mm; the datasets in volume order.
+
+    Raises:
+        AqcfError: The slices fail the input gate (:func:`aqcf.data.gate.check_dicom_slices`: not
+            monochrome single-frame, or differing size, pixel spacing or orientation), share a
+            position, are unevenly spaced, or stack to a volume the gate refuses (one slice, a
+            degenerate affine, non-finite values).
     """
     from pydicom.pixels import apply_rescale
 
     if not datasets:
         raise AqcfError(f"{name}: no DICOM slices")
+    gate.check_dicom_slices(datasets, name)
     keys, kind = _slice_positions(datasets, name)
     order = np.argsort(keys, kind="stable")
     keys = keys[order]
@@ -175,9 +183,7 @@ def dicom_series_to_volume(
         try:
             pixels = ds.pixel_array
         except Exception as err:  # pydicom raises many types for missing or undecodable pixel data
-            raise AqcfError(f"{name}: cannot decode pixel data ({err})") from err
-        if slices and pixels.T.shape != slices[0].shape:
-            raise AqcfError(f"{name}: slices differ in size ({pixels.shape} vs {slices[0].T.shape})")
+            raise AqcfError(f"{gate.dicom_slice_name(ds, name)}: cannot decode pixel data ({err})") from err
         # pixel_array is (rows, columns); NIfTI's first axis runs along a row (the column index)
         slices.append((apply_rescale(pixels, ds) if rescale else pixels).T)
     volume = np.stack(slices, axis=-1)
@@ -189,11 +195,7 @@ def dicom_series_to_volume(
     normal = np.cross(row_cosine, column_cosine)
     origin = np.asarray(getattr(first, "ImagePositionPatient", (0.0, 0.0, 0.0)), dtype=float)
     if kind == "position" and len(datasets) > 1:
-        steps = np.diff(keys)
-        if np.ptp(steps) > POSITION_TOLERANCE_MM + SPACING_RELATIVE_TOLERANCE * steps.mean():
-            raise AqcfError(
-                f"{name}: slice spacing is not uniform ({steps.min():.3f} to {steps.max():.3f} mm)"
-            )
+        gate.check_slice_spacing(keys, name, POSITION_TOLERANCE_MM, SPACING_RELATIVE_TOLERANCE)
         last = np.asarray(datasets[-1].ImagePositionPatient, dtype=float)
         step = (last - origin) / (len(datasets) - 1)
     else:
@@ -204,7 +206,9 @@ def dicom_series_to_volume(
     affine_lps[:3, 1] = column_cosine * row_spacing
     affine_lps[:3, 2] = step
     affine_lps[:3, 3] = origin
-    return volume, LPS_TO_RAS @ affine_lps, datasets
+    affine = LPS_TO_RAS @ affine_lps
+    gate.check_array(name, volume, affine)
+    return volume, affine, datasets
 
 
 def is_ircadb_liver_tumor(structure: str, pattern: str = IRCADB_LIVER_TUMOR_PATTERN) -> bool:
@@ -308,6 +312,7 @@ def _mask_volume(datasets: Sequence, image_slices: Sequence, shape: tuple, name:
     Masks are matched by position along the slice normal; by InstanceNumber where a mask series has
     no positions.
     """
+    gate.check_dicom_slices(datasets, name)
     keys, kind = _slice_positions(datasets, name)
     image_keys, image_kind = _slice_positions(image_slices, name)
     if kind != image_kind:
@@ -565,23 +570,18 @@ def read_liverhccseg(
         signature = {"converter": CONVERTER_VERSION, "sources": _file_signature(sources, folder),
                      "masks": {str(k): (p.name if p else None) for k, p in masks.items()}}
         if not _cache_is_current(record, (label_path,), signature):
-            reference = nib.load(str(image_nifti))
-            shape = reference.shape[:3]
+            # the image's voxels are read (and checked) when it is segmented; the masks' here, once
+            shape, affine = gate.read_header(image_nifti)
             label = np.zeros(shape, dtype=np.uint8)
             for value, path in masks.items():
                 if path is None:
                     continue
-                mask_image = nib.load(str(_as_nifti(path, cache / "converted" / folder.name)))
-                same_grid = mask_image.shape[:3] == shape and np.allclose(
-                    mask_image.affine, reference.affine, atol=AFFINE_TOLERANCE_MM
-                )
+                mask = gate.load_volume(_as_nifti(path, cache / "converted" / folder.name))
+                same_grid = mask.array.shape == shape and np.allclose(mask.affine, affine, atol=AFFINE_TOLERANCE_MM)
                 if not same_grid:
-                    raise AqcfError(
-                        f"{path}: voxel grid {mask_image.shape} differs from the image {image.name} {shape}"
-                    )
-                data = np.asanyarray(mask_image.dataobj).reshape(shape)
-                label[data > 0] = value  # tumor after liver: 2 overrides 1
-            save_nifti_atomic(_nifti(label, reference.affine), label_path)
+                    raise AqcfError(f"{path}: voxel grid {mask.shape} differs from the image {image.name} {shape}")
+                label[mask.array > 0] = value  # tumor after liver: 2 overrides 1
+            save_nifti_atomic(_nifti(label, affine), label_path)
             write_json_atomic(record, {"signature": signature, "image": str(image)})
         cases.append(Case(id=folder.name, modality=MRI, image=image_nifti, label=label_path))
     if skipped:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aqcf.constants import CT, MRI, check_modality
 from aqcf.data.cohorts import read_cohort
+from aqcf.data.gate import CaseErrors, check_cases
 from aqcf.data.splits import check_splits
 from aqcf.errors import AqcfError
 from aqcf.io import write_text_atomic
@@ -81,8 +82,11 @@ def export_nnunet(
         The data set folder.
 
     Raises:
-        AqcfError: an unlabeled case, files of several endings, a fold file for other cases, or a bad
-            data set id or name.
+        AqcfError: an unlabeled case, files of several endings, a fold file for other cases, a bad data
+            set id or name, or cases the input gate refuses (every file is read to its end; truncated,
+            non-finite, not 3D, a degenerate affine, label values outside {0, 1, 2}, a label off its
+            image's grid): one :class:`~aqcf.data.gate.CaseErrors` naming every broken case, before
+            anything is written.
     """
     modality = check_modality(modality)
     dataset = dataset_folder(out_dir, dataset_id, name)
@@ -106,6 +110,8 @@ def export_nnunet(
         except ValueError as err:
             raise AqcfError(f"{splits}: not valid JSON ({err})") from err
         check_splits(fold_file, [c.id for c in cases], len(fold_file) if isinstance(fold_file, list) else 0, splits)
+    # last of the checks (it reads every file); nnU-Net would find a broken case only when it plans
+    CaseErrors.raise_if_any(check_cases(cases), total=len(cases))
 
     images, labels = dataset / "imagesTr", dataset / "labelsTr"
     images.mkdir(parents=True, exist_ok=True)

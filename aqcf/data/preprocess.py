@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from aqcf.constants import CT, MRI, check_modality
+from aqcf.data import gate
 from aqcf.data.cohorts import (
     AFFINE_TOLERANCE_MM,
     Case,
@@ -174,17 +175,21 @@ def foreground_box(body: np.ndarray, min_fraction: float = 1e-3) -> tuple[tuple[
 
 
 def _load(path: Path, kind: str):
+    """A scan (``kind="image"``) or label map read once, completely, through the input gate.
+
+    :func:`aqcf.data.gate.load_volume` reads NIfTI with nibabel to the end of the file (SimpleITK,
+    TorchIO's reader, would fill a truncated file with zeros) and refuses anything but one 3D volume
+    with a valid affine; a scan must also be finite (a label's values are checked by the caller).
+    """
+    import torch
     import torchio as tio
 
-    image = (tio.ScalarImage if kind == "image" else tio.LabelMap)(path)
-    try:
-        image.load()
-    except Exception as err:  # ITK and nibabel raise many types for a bad file
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AqcfError(f"{path}: unreadable {kind} ({message})") from err
-    if image.shape[0] != 1:
-        raise AqcfError(f"{path}: {image.shape[0]} channels; expected a single-channel 3D volume")
-    return image
+    volume = gate.load_volume(path, finite=kind == "image")
+    array = volume.array
+    if array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        array = array.astype(np.int64)  # torch has no uint16 / uint32 tensors
+    tensor = torch.from_numpy(array)[None]  # nibabel's (Fortran) order kept: no copy of the volume
+    return (tio.ScalarImage if kind == "image" else tio.LabelMap)(tensor=tensor, affine=volume.affine)
 
 
 def _run(

@@ -14,6 +14,11 @@ channel suffix ``_0000`` removed or kept) or the id of its label file: e.g. ``vo
 ``3.nii.gz`` for LiTS ``segmentation-3.nii``. ``--ref-format`` reads the reference folder through the
 dataset readers (LiTS, ATLAS, nnU-Net raw, 3D-IRCADb-01 DICOM, LiverHccSeg); ``plain`` is a folder of
 ``NAME.nii[.gz]`` label maps.
+
+Every mask, predicted or reference, is read completely through the input gate
+(:func:`aqcf.data.gate.load_label`): a truncated file, a 2D or multi-volume image, a degenerate
+affine, or values other than 0, 1, 2 (non-integers and NaN included) end the run with one line
+naming the file.
 """
 
 from __future__ import annotations
@@ -30,16 +35,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from aqcf.constants import check_modality
-from aqcf.data.cohorts import AFFINE_TOLERANCE_MM
+from aqcf.data.gate import AFFINE_TOLERANCE_MM, Volume, load_label
 from aqcf.errors import AqcfError
 from aqcf.evaluation.metrics import (
     EMPTY_DISTANCE_RULES,
     ROW_FIELDS,
-    check_label_values,
     evaluate_case,
     summarise,
 )
@@ -204,19 +207,11 @@ def match_predictions(pred_dir: str | Path, references: Sequence[Reference]) -> 
     return pairs
 
 
-def _load_label(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
-    try:
-        image = nib.load(str(path))
-        data = np.asanyarray(image.dataobj)
-    except Exception as err:  # nibabel raises many types for a damaged file
-        raise AqcfError(f"{path}: cannot read as NIfTI ({err})") from err
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise AqcfError(f"{path}: label map has shape {data.shape}, expected 3-D")
-    check_label_values(data, str(path))
+def _load_label(path: Path) -> tuple[np.ndarray, Volume]:
+    """A mask read completely through the input gate (one 3D volume, valid affine, values 0/1/2)."""
+    volume = load_label(path)
     # float-stored masks would otherwise keep 4-8 bytes per voxel through the metrics
-    return data.astype(np.uint8, copy=False), image
+    return volume.array.astype(np.uint8, copy=False), volume
 
 
 def evaluate_pair(

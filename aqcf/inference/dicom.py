@@ -3,7 +3,9 @@
 The slices are stacked by :func:`aqcf.data.external.dicom_series_to_volume` (ordered by position along
 the slice normal, RescaleSlope/Intercept applied, so CT is in HU; the affine converted from DICOM's LPS to
 NIfTI's RAS) and the volume is saved as a NIfTI file, which then goes through the same path as a NIfTI
-input. The mask is written on that volume's grid: (columns, rows, slices) with that affine.
+input. The mask is written on that volume's grid: (columns, rows, slices) with that affine. The slices
+pass the input gate first (:func:`aqcf.data.gate.check_dicom_slices`): only monochrome single-frame
+slices of one size, pixel spacing and orientation, evenly spaced, are stacked.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray]:
         integers that fit (CT in HU), float32 otherwise; the 4×4 voxel-to-RAS affine in mm.
 
     Raises:
-        AqcfError: no readable slice, several series, or slices that do not form one regular volume.
+        AqcfError: no readable slice, several series, or slices the input gate refuses
+            (:mod:`aqcf.data.gate`): not monochrome single-frame images (an RGB secondary capture),
+            differing size, pixel spacing or orientation, uneven slice spacing, a single slice, a
+            degenerate geometry.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError

@@ -378,7 +378,9 @@ class Predictor:
             The :class:`Segmentation`: labels of exactly the scan's shape, in its stored axis order.
 
         Raises:
-            AqcfError: an untrained modality, or an unreadable scan (the message names the file).
+            AqcfError: an untrained modality, or a scan the input gate refuses (:mod:`aqcf.data.gate`:
+                truncated, not one 3D volume, non-finite voxels, a degenerate affine); the message
+                names the file.
         """
         modality = self.check_modality(modality)
         start = time.perf_counter()

@@ -79,9 +79,14 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Scan]:
     A NIfTI file is one scan; a folder holding NIfTI files gives each of them (sorted by name, numbers by
     value); a folder holding DICOM files and no NIfTI file is one DICOM series.
 
+    Every NIfTI scan's header then passes the input gate (:func:`aqcf.data.gate.read_header`: one 3D
+    volume, a valid affine, an uncompressed file as long as its header says); the voxels are checked
+    when each scan is read for segmentation (complete file, finite values).
+
     Raises:
-        AqcfError: a missing input, a file that is not NIfTI, a folder with neither, or two scans with
-            the same stem (their outputs would collide).
+        AqcfError: a missing input, a file that is not NIfTI, a folder with neither, two scans with
+            the same stem (their outputs would collide), or headers the gate refuses (every such scan
+            named in one :class:`aqcf.data.gate.CaseErrors`).
     """
     from aqcf.data.cohorts import natural_key
     from aqcf.inference.dicom import is_dicom_folder
@@ -111,7 +116,22 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Scan]:
                 f"{scan.source} and {seen[scan.name]} have the same name {scan.name!r}: their outputs would collide"
             )
         seen[scan.name] = scan.source
+    _check_headers(scans)
     return scans
+
+
+def _check_headers(scans: Sequence[Scan]) -> None:
+    """Every NIfTI scan's header through the input gate before any work, all problems at once."""
+    from aqcf.data.gate import CaseErrors, read_header
+
+    problems = []
+    for scan in scans:
+        if scan.kind == NIFTI:
+            try:
+                read_header(scan.source)
+            except AqcfError as err:
+                problems.append(str(err))
+    CaseErrors.raise_if_any(problems, total=len(scans), what="scans")
 
 
 def output_paths(scan: Scan, out_dir: str | Path, suffix: str = DEFAULT_SUFFIX, png: bool = False) -> dict[str, Path]:
@@ -136,17 +156,21 @@ def _check_outputs(scans: Sequence[Scan], out_dir: Path, suffix: str, png: bool,
 def write_mask(path: str | Path, labels: np.ndarray, reference: nib.spatialimages.SpatialImage) -> Path:
     """Write uint8 ``labels`` atomically with the geometry (affine, qform/sform codes) of ``reference``.
 
+    The mask gets the scan's exact shape: a scan stored as one volume of a 4D image, (X, Y, Z, 1), gets a
+    (X, Y, Z, 1) mask.
+
     Args:
         path: destination ``.nii.gz`` (or ``.nii``).
         labels: (X, Y, Z) labels with the reference's spatial shape.
         reference: the scan the labels belong to (its header is copied, data type and scaling reset).
     """
     path = Path(path)
-    if tuple(labels.shape) != tuple(reference.shape[:3]):
-        raise AqcfError(f"{path}: labels of shape {labels.shape} do not match the scan's {reference.shape[:3]}")
+    shape = tuple(int(n) for n in reference.shape)
+    if tuple(labels.shape) != shape[:3] or any(n != 1 for n in shape[3:]):
+        raise AqcfError(f"{path}: labels of shape {labels.shape} do not match the scan's {shape}")
     header = reference.header.copy()
     header.set_data_dtype(np.uint8)
-    image = type(reference)(np.asarray(labels, dtype=np.uint8), reference.affine, header=header)
+    image = type(reference)(np.asarray(labels, dtype=np.uint8).reshape(shape), reference.affine, header=header)
     # labels are stored as they are: no intensity scaling inherited from the scan
     image.header.set_slope_inter(1.0, 0.0)
     return save_nifti_atomic(image, path)
@@ -177,7 +201,7 @@ def _overlay(path: Path, reference, labels: np.ndarray, title: str) -> None:
     mask = nib.as_closest_canonical(nib.Nifti1Image(labels, reference.affine))
     save_overlay_png(
         path,
-        np.asarray(image.dataobj, dtype=np.float32),
+        np.asarray(image.dataobj, dtype=np.float32).reshape(image.shape[:3]),  # (X, Y, Z, 1) -> (X, Y, Z)
         {"prediction": np.asarray(mask.dataobj)},
         title=title,
         orientation="RAS",
