@@ -71,7 +71,7 @@ def test_batch_has_one_ct_and_one_mri_patch_with_integer_labels(roots):
         for modality in ("ct", "mri"):
             image, label = batch[modality]["image"], batch[modality]["label"]
             assert image.shape == (1, 1, *PATCH) and image.dtype == torch.float32
-            assert label.shape == (1, 1, *PATCH) and label.dtype == torch.int64
+            assert label.shape == (1, 1, *PATCH) and label.dtype == torch.uint8
             assert set(label.unique().tolist()) <= {0, 1, 2}
             assert torch.isfinite(image).all()
 

@@ -435,3 +435,20 @@ def test_explain_refuses(kind, phantom, tiny_run, tmp_path, capsys):
     assert str(broken) in line and fragment in line
     assert _digests(root) == before
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_preprocess_names_every_broken_case(phantom, tmp_path, capsys):
+    root = tmp_path / "LiTS"
+    root.mkdir()
+    for n in range(3):
+        shutil.copyfile(phantom[0], root / f"volume-{n}.nii")
+        shutil.copyfile(phantom[1], root / f"segmentation-{n}.nii")
+    truncated, _ = _bad_image("truncated-nii-gz", phantom, root, stem="volume-0")
+    (root / "volume-0.nii").unlink()
+    label, _ = _bad_label("label-3", phantom, root, stem="segmentation-2")
+    code = main(["preprocess", "--data", str(root), "--format", "lits", "--modality", "ct",
+                 "--cache", str(tmp_path / "cache"), "--no-progress"])
+    assert code == 2
+    line = _one_error_line(capsys)
+    assert str(truncated) in line and str(label) in line and "2 of 3 cases" in line
+    assert not list((tmp_path / "cache").rglob("manifest.json"))

@@ -181,8 +181,11 @@ def test_partial_cache_resumes_and_is_never_taken_as_complete(data, ct_manifest)
     assert os.stat(copy / "images" / "lits-0.nii").st_mtime_ns == kept
     assert os.stat(copy / "images" / "lits-2.nii").st_mtime_ns != redone
     (copy / "labels" / "lits-1.nii").unlink()
-    with pytest.raises(AqcfError, match=r"lits-1\.nii: listed in .*manifest\.json but missing"):
+    with pytest.raises(AqcfError, match=r"lits-1\.nii: listed in the cache but missing"):
         Manifest.load(copy)
+    # preprocessing the cohort again finds the damage and rebuilds the case from its source
+    again = preprocess_cohort(cases, PreprocessSettings.default("ct"), folder, progress=False)
+    assert again.folder == copy and (copy / "labels" / "lits-1.nii").is_file()
 
 
 def test_bad_cases_raise_errors_naming_the_file(tmp_path):

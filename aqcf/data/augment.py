@@ -45,7 +45,7 @@ def build_augmentation(
 
     Returns:
         A function ``{"image": (1,X,Y,Z) float, "label": (1,X,Y,Z)} -> same keys``; the label comes
-        back as int64.
+        back as uint8.
     """
     from monai.transforms import (
         Compose,
@@ -71,7 +71,7 @@ def build_augmentation(
         out = compose({IMAGE: sample[IMAGE], LABEL: sample[LABEL]})
         image = convert_to_tensor(out[IMAGE], track_meta=False).float()
         label = convert_to_tensor(out[LABEL], track_meta=False)
-        label = (label.round() if label.is_floating_point() else label).long()
+        label = (label.round() if label.is_floating_point() else label).to(torch.uint8)
         return {**sample, IMAGE: image, LABEL: label}
 
     return augment

@@ -1,7 +1,8 @@
 """``UnpairedDataModule``: two cohorts, two TorchIO queues, one unpaired batch per step (paper §3.1).
 
 Each training batch is ``{"ct": {"image", "label", "id"}, "mri": {"image", "label", "id"}}`` with
-``image`` (B, 1, X, Y, Z) float32 in [0, 1], ``label`` (B, 1, X, Y, Z) int64 in {0, 1, 2} and ``id`` the
+``image`` (B, 1, X, Y, Z) float32 in [0, 1], ``label`` (B, 1, X, Y, Z) uint8 in {0, 1, 2} (an eighth of
+int64's bytes to collate and copy to the GPU; the module casts it for the loss) and ``id`` the
 B source case ids; B is ``batch_pairs``. The CT and MRI patches come from two independent queues, so
 which CT subject meets which MRI subject is random (eq. 1). Validation, test and prediction yield whole
 preprocessed volumes, one at a time, CT cases first.
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI, check_modality
 from aqcf.data.augment import build_augmentation
 from aqcf.data.cohorts import read_cohort
+from aqcf.data.patches import CachedPatchSampler, DrawPatches
 from aqcf.data.preprocess import Manifest, PreprocessSettings, preprocess_cohort
 from aqcf.data.splits import load_or_create_splits
 from aqcf.errors import AqcfError
@@ -56,22 +58,6 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-class _PadToAtLeast:
-    """Zero-pad a TorchIO subject so every axis is at least ``size`` (volumes smaller than a patch)."""
-
-    def __init__(self, size: Sequence[int]):
-        self.size = np.asarray(size, dtype=int)
-
-    def __call__(self, subject):
-        import torchio as tio
-
-        missing = np.maximum(self.size - np.asarray(subject.spatial_shape), 0)
-        if not missing.any():
-            return subject
-        padding = [int(n) for m in missing for n in (m // 2, m - m // 2)]
-        return tio.Pad(padding)(subject)
-
-
 class _PatchStream(Dataset):
     """Patches popped from a TorchIO queue, augmented and turned into plain tensors."""
 
@@ -93,7 +79,7 @@ class _PatchStream(Dataset):
         }
         if self.augment is not None:
             return self.augment(sample)
-        return {**sample, LABEL: sample[LABEL].long()}
+        return {**sample, LABEL: sample[LABEL].to(torch.uint8)}
 
 
 class _EpochSampler(Sampler):
@@ -186,6 +172,11 @@ class UnpairedDataModule(L.LightningDataModule):
         batch_pairs: CT-MRI pairs per batch (B).
         num_workers: Processes loading subjects into each queue.
         preprocess_workers: Processes preprocessing the cohorts in ``prepare_data``.
+        verify_cache: How ``prepare_data`` checks a reused cache: ``"checksum"`` (reads every cached
+            file once per run) or ``"size"`` (a stat per file; finds truncation only). A damaged case
+            is preprocessed again from its source.
+        skip_bad: Leave broken cases (unreadable, truncated, non-finite, bad labels) out of the cohorts
+            instead of stopping; they are listed in the cache manifest and on stderr.
         ct_spacing, mri_spacing: Target voxel size in mm.
         ct_window, mri_window: Intensity window mapped to [0, 1] (HU for CT).
         ct_orientation, mri_orientation: Target axis codes.
@@ -216,6 +207,8 @@ class UnpairedDataModule(L.LightningDataModule):
         batch_pairs: int = 1,
         num_workers: int = 2,
         preprocess_workers: int = 0,
+        verify_cache: str = "checksum",
+        skip_bad: bool = False,
         ct_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
         mri_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
         ct_window: tuple[float, float] = (-16.0, 176.0),
@@ -266,7 +259,7 @@ class UnpairedDataModule(L.LightningDataModule):
         """The preprocessing of ``modality`` (inference rebuilds it from a checkpoint's hyper-parameters)."""
         return preprocess_settings_from_hparams(self.hparams, modality)
 
-    def _manifest(self, modality: str, root: str, fmt: str) -> Manifest:
+    def _manifest(self, modality: str, root: str, fmt: str, verify: str = "size") -> Manifest:
         cases = read_cohort(root, fmt, modality)
         return preprocess_cohort(
             cases,
@@ -275,6 +268,8 @@ class UnpairedDataModule(L.LightningDataModule):
             workers=self.hparams.preprocess_workers,
             name=f"{modality}-{fmt.lower()}",
             progress=self.hparams.progress,
+            verify=verify,
+            skip_bad=self.hparams.skip_bad,
         )
 
     def _splits_path(self, modality: str) -> Path:
@@ -291,11 +286,12 @@ class UnpairedDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Preprocess every cohort into the cache and write the splits files (once per node)."""
+        verify = self.hparams.verify_cache
         for modality in self.modalities:
-            manifest = self._manifest(modality, self.roots[modality], self.formats[modality])
+            manifest = self._manifest(modality, self.roots[modality], self.formats[modality], verify)
             self._splits(modality, manifest)
             if self.test_roots[modality] is not None:
-                self._manifest(modality, self.test_roots[modality], self.test_formats[modality])
+                self._manifest(modality, self.test_roots[modality], self.test_formats[modality], verify)
 
     def setup(self, stage: str | None = None) -> None:
         """Read the manifests and the folds; fill the train / val / test case lists."""
@@ -320,13 +316,19 @@ class UnpairedDataModule(L.LightningDataModule):
 
         hp = self.hparams
         entries = self.train_entries[modality]
+        # Lazy subjects: DrawPatches reads only the patches from the cached files (aqcf.data.patches).
         subjects = [
             tio.Subject(
-                image=tio.ScalarImage(e[IMAGE]), label=tio.LabelMap(e[LABEL]), id=e["id"], modality=modality
+                image=tio.ScalarImage(e[IMAGE]),
+                label=tio.LabelMap(e[LABEL]),
+                locations=e["locations"],
+                id=e["id"],
+                modality=modality,
             )
             for e in entries
         ]
-        dataset = tio.SubjectsDataset(subjects, transform=_PadToAtLeast(self.patch_size))
+        draw = DrawPatches(self.patch_size, self.label_probabilities, hp.samples_per_volume)
+        dataset = tio.SubjectsDataset(subjects, transform=draw, load_getitem=False)
         rank, world = _distributed()
         subject_sampler = None
         if world > 1:
@@ -338,14 +340,11 @@ class UnpairedDataModule(L.LightningDataModule):
                 seed=hp.split_seed,
                 drop_last=len(dataset) >= world,
             )
-        sampler = tio.LabelSampler(
-            self.patch_size, label_name=LABEL, label_probabilities=self.label_probabilities
-        )
         queue = tio.Queue(
             dataset,
             max_length=hp.queue_length,
             samples_per_volume=hp.samples_per_volume,
-            sampler=sampler,
+            sampler=CachedPatchSampler(self.patch_size),
             subject_sampler=subject_sampler,
             num_workers=hp.num_workers,
             shuffle_subjects=subject_sampler is None,

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics.segmentation import DiceScore
 
 from aqcf.constants import IMAGE, LABEL, MODALITIES, check_modality
+from aqcf.errors import AqcfError
 
 __all__ = ["SegmentationModule", "class_masks", "MONITOR"]
 
@@ -75,12 +76,22 @@ class SegmentationModule(L.LightningModule):
         scheduler: callable that builds the LR scheduler from the optimizer; default ReduceLROnPlateau
             (mode "max" on ``val/dice_mean``, factor 0.5, patience 4 epochs).
         patch_size: training patch (X, Y, Z) in voxels; also the sliding window (linked to the data).
-        sw_overlap: sliding-window overlap (the paper uses 0.8).
+        sw_overlap: sliding-window overlap of ``aqcf test`` and ``aqcf predict`` (the paper uses 0.8).
+        val_overlap: sliding-window overlap of the validation inside ``fit`` (``None``: ``sw_overlap``).
+            It only picks the checkpoint and drives the schedule, so it may be cheaper than the test's:
+            at 0.5 a 256×256×16 window steps by half a window instead of a fifth, about 6–16 times fewer
+            windows per volume (docs/training.md has the measurement).
         sw_batch_size: windows per forward pass in sliding-window inference.
         sw_mode: blending of overlapping windows ("gaussian" or "constant").
         stitch_on_cpu: keep the stitched whole-volume logits on the CPU so large volumes fit in GPU memory.
         test_output: where ``aqcf test`` writes per-case metrics; default ``<default_root_dir>/test``.
         test_overlays: ``aqcf test`` also draws this many cases per modality (``<test_output>/overlays``).
+        compile: compile the network with ``torch.compile`` (its ``forward`` and ``forward_single``; the
+            weights and checkpoint keys are unchanged).
+        compile_mode: ``torch.compile`` mode (``"reduce-overhead"`` uses CUDA graphs on a GPU).
+        compile_backend: ``torch.compile`` backend (``"inductor"``; ``"aot_eager"`` checks tracing alone).
+        check_finite: stop training when the loss or the gradient norm is not finite, naming the step and
+            the cases of the batch, before the optimizer step (so no checkpoint holds the damage).
     """
 
     def __init__(
@@ -91,11 +102,16 @@ class SegmentationModule(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         patch_size: Sequence[int] = (256, 256, 16),
         sw_overlap: float = 0.8,
+        val_overlap: float | None = 0.5,
         sw_batch_size: int = 2,
         sw_mode: str = "gaussian",
         stitch_on_cpu: bool = False,
         test_output: str | None = None,
         test_overlays: int = 4,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
+        check_finite: bool = True,
     ) -> None:
         super().__init__()
         given = _cli_given_hyperparameters()
@@ -108,6 +124,13 @@ class SegmentationModule(L.LightningModule):
         self.scheduler_factory: Callable = scheduler or _default_scheduler
         self.patch_size = tuple(int(p) for p in patch_size)
         self.sw_overlap = float(sw_overlap)
+        self.val_overlap = self.sw_overlap if val_overlap is None else float(val_overlap)
+        for name, value in (("sw_overlap", self.sw_overlap), ("val_overlap", self.val_overlap)):
+            if not 0 <= value < 1:
+                raise AqcfError(f"model.{name} {value}: need an overlap in [0, 1)")
+        self.compile_options = {"mode": compile_mode, "backend": compile_backend} if compile else None
+        self.check_finite = bool(check_finite)
+        self._batch_ids: dict[str, list[str]] = {}
         self.sw_batch_size = int(sw_batch_size)
         self.sw_mode = sw_mode
         self.stitch_on_cpu = bool(stitch_on_cpu)
@@ -125,8 +148,22 @@ class SegmentationModule(L.LightningModule):
     def forward(self, ct: Tensor, mri: Tensor) -> tuple[Tensor, Tensor]:
         return self.network(ct, mri)
 
-    def predict_volume(self, image: Tensor, modality: str) -> Tensor:
-        """Whole-volume logits (B, C, X, Y, Z) by sliding-window inference on the unimodal path (eq. 17)."""
+    def configure_model(self) -> None:
+        """Compile the network once, when asked (Lightning calls this before training or evaluation)."""
+        if self.compile_options is None or getattr(self.network, "_aqcf_compiled", False):
+            return
+        options = {k: v for k, v in self.compile_options.items() if v is not None}
+        # Module.compile keeps the parameter names (no "_orig_mod." prefix): checkpoints stay portable.
+        self.network.compile(**options)
+        if hasattr(self.network, "forward_single"):
+            self.network.forward_single = torch.compile(self.network.forward_single, **options)
+        self.network._aqcf_compiled = True
+
+    def predict_volume(self, image: Tensor, modality: str, overlap: float | None = None) -> Tensor:
+        """Whole-volume logits (B, C, X, Y, Z) by sliding-window inference on the unimodal path (eq. 17).
+
+        ``overlap`` defaults to ``sw_overlap`` (the test's); validation passes ``val_overlap``.
+        """
         modality = check_modality(modality)
         predictor = functools.partial(self.network.forward_single, modality=modality)
         return sliding_window_inference(
@@ -134,7 +171,7 @@ class SegmentationModule(L.LightningModule):
             roi_size=self.patch_size,
             sw_batch_size=self.sw_batch_size,
             predictor=predictor,
-            overlap=self.sw_overlap,
+            overlap=self.sw_overlap if overlap is None else overlap,
             mode=self.sw_mode,
             device=torch.device("cpu") if self.stitch_on_cpu else None,
         )
@@ -146,6 +183,7 @@ class SegmentationModule(L.LightningModule):
             logits = {m: self.network.forward_single(batch[m][IMAGE], m) for m in self.modalities}
         losses = {m: self.loss(logits[m], batch[m][LABEL].long()) for m in self.modalities}
         loss = sum(losses.values())
+        self._batch_ids = {m: list(batch[m].get("id", [])) for m in self.modalities}
         batch_size = batch[self.modalities[0]][IMAGE].shape[0]
         log = {f"train/loss_{m}": value.detach() for m, value in losses.items()}
         log["train/loss"] = loss.detach()
@@ -160,12 +198,25 @@ class SegmentationModule(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False, logger=False)
         return loss
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop before a non-finite update reaches the weights (one reduction and one sync per step)."""
+        # under fp16 a GradScaler skips overflowing steps itself: infinite gradients are expected there
+        if not self.check_finite or str(self.trainer.precision) in ("16-mixed", "16", "16-true"):
+            return
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+            cases = "; ".join(f"{m.upper()} {', '.join(ids)}" for m, ids in self._batch_ids.items())
+            raise AqcfError(
+                f"training step {self.global_step}: non-finite loss or gradient (batch: {cases}); stopped "
+                "before the optimizer step, the checkpoints hold the last good weights"
+            )
+
     # --------------------------------------------------------------------------------------- validation
     def _evaluate_volume(self, batch: dict[str, Any], stage: str) -> tuple[str, Tensor, Tensor]:
         modality = check_modality(batch["modality"][0])
         if modality not in self.modalities:
             return modality, None, None
-        logits = self.predict_volume(batch[IMAGE], modality)
+        logits = self.predict_volume(batch[IMAGE], modality, self.val_overlap if stage == "val" else None)
         label = batch[LABEL].long().to(logits.device)
         loss = self.loss(logits, label)
         self.log(f"{stage}/loss_{modality}", loss, batch_size=1, sync_dist=True)
@@ -276,7 +327,9 @@ class SegmentationModule(L.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameters())
         scheduler = self.scheduler_factory(optimizer)
-        config = {"scheduler": scheduler, "interval": "epoch", "frequency": 1}
+        # the plateau schedule steps when a validation ran: every check_val_every_n_epoch epochs
+        every = getattr(self.trainer, "check_val_every_n_epoch", None) if self._trainer is not None else None
+        config = {"scheduler": scheduler, "interval": "epoch", "frequency": int(every or 1)}
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = MONITOR
             config["strict"] = False  # no validation this epoch (limit_val_batches=0): skip the step
