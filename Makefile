@@ -38,7 +38,7 @@ demo: venv  ## phantoms -> train configs/demo.yaml -> held-out test -> demo_out/
 cv: venv  ## cross-validation of CONFIG on FOLDS, then the mean +- SD table -> RUNS/<config>/report/
 	@set -e; \
 	$(call cv_run,$(STEM),); \
-	$(AQCF) report $(STEM)=$(RUNS)/$(STEM) --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/$(STEM)/report
+	$(AQCF) report $(STEM)=$(RUNS)/$(STEM) --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/$(STEM)/report --overwrite
 
 bench: venv  ## benchmarks -> benchmarks/results.json and benchmarks/results.md
 	$(PY) benchmarks/run.py --out benchmarks/results
@@ -58,7 +58,8 @@ REPORT_FOLDS = fold[$(FOLDS)]
 
 # Shell loop: fit and test run $(1) (configs $(2) layered on CONFIG) on each fold of FOLDS, in
 # RUNS/$(1)/fold<k>. A fold whose test/summary.json is newer than its last.ckpt is done and skipped; a
-# fold holding checkpoints/last.ckpt resumes from it. The test uses checkpoints/$(TEST_CKPT).ckpt.
+# fold holding checkpoints/last.ckpt resumes from it. The test uses checkpoints/$(TEST_CKPT).ckpt and replaces
+# the fold's older test results (--overwrite true); the reports are rebuilt from the fold summaries each time.
 cv_run = for k in $(FOLDS); do \
 	  root="$(RUNS)/$(1)/fold$$k"; ckpts="$$root/checkpoints"; \
 	  if [ -f "$$root/test/summary.json" ] && [ "$$root/test/summary.json" -nt "$$ckpts/last.ckpt" ]; then \
@@ -68,8 +69,8 @@ cv_run = for k in $(FOLDS); do \
 	  echo "== $(1) fold $$k: $(AQCF) fit $$args $$resume"; \
 	  $(AQCF) fit $$args $$resume; \
 	  ckpt="$$ckpts/$(TEST_CKPT).ckpt"; if [ ! -f "$$ckpt" ]; then ckpt="$$ckpts/last.ckpt"; fi; \
-	  echo "== $(1) fold $$k: $(AQCF) test $$args --ckpt_path $$ckpt"; \
-	  $(AQCF) test $$args --ckpt_path "$$ckpt"; \
+	  echo "== $(1) fold $$k: $(AQCF) test $$args --ckpt_path $$ckpt --overwrite true"; \
+	  $(AQCF) test $$args --ckpt_path "$$ckpt" --overwrite true; \
 	done
 
 .PHONY: ablations baselines
@@ -79,7 +80,8 @@ ablations: venv  ## Table 7: full model + ablations on FOLDS -> RUNS/ablations_r
 	$(call cv_run,$(STEM),); \
 	for a in $(ABLATIONS); do $(call cv_run,$(STEM)-$$a,--config configs/ablations/$$a.yaml); done; \
 	$(AQCF) report full_model=$(RUNS)/$(STEM) $(foreach a,$(ABLATIONS),$(a)=$(RUNS)/$(STEM)-$(a)) \
-	  --baseline full_model --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/ablations_report/$(STEM)
+	  --baseline full_model --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/ablations_report/$(STEM) \
+	  --overwrite
 
 # A baseline <family>_<ct|mri|joint> also gets BASELINE_SIZES/<family>.yaml where present: the sizes (patch,
 # img_size, ...) of the networks that depend on the patch, for a base config other than the paper's.
@@ -93,4 +95,5 @@ baselines: venv  ## full model + baselines on FOLDS -> RUNS/baselines_report/<co
 	  $(call cv_run,$(STEM)-$$b,--config configs/baselines/$$b.yaml $$extra); \
 	done; \
 	$(AQCF) report full_model=$(RUNS)/$(STEM) $(foreach b,$(BASELINES),$(b)=$(RUNS)/$(STEM)-$(b)) \
-	  --baseline full_model --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/baselines_report/$(STEM)
+	  --baseline full_model --pattern '$(REPORT_FOLDS)/test/summary.json' --out $(RUNS)/baselines_report/$(STEM) \
+	  --overwrite

@@ -3,7 +3,8 @@
 The whole pipeline a user runs on real data, on phantoms written by ``aqcf synth`` so that it runs
 anywhere: the CT cohort in the LiTS layout, the MRI cohort in the ATLAS layout, trained jointly with
 ``configs/demo.yaml`` and tested on fold 0's held-out cases of each modality. Rerunning resumes: the
-phantoms are kept, an interrupted training resumes from ``last.ckpt``, and a finished one is reused.
+phantoms are kept, an interrupted training resumes from ``last.ckpt``, and a finished one is reused (the
+report is written again). A non-empty ``--out`` that holds no demo is refused unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 from aqcf.errors import AqcfError
+from aqcf.io import check_output
 
 __all__ = ["main", "demo_report"]
 
@@ -26,10 +28,14 @@ DEMO_PHANTOMS = (
     "--ct-tumor-radius 8 20 --ct-contrast 2.5 --mri-tumor-radius 8 20 --mri-contrast 2.5 --mri-bias 0.05"
 )
 
+#: what the demo writes into --out; a folder holding one of them is a demo to resume
+DEMO_OUTPUTS = ("phantoms", "cache", "run", "report.md", "curves.png")
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aqcf demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from aqcf.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="aqcf demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="training config (default configs/demo.yaml)")
     parser.add_argument("--n-ct", type=int, default=20, help="CT phantoms (default 20)")
@@ -40,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--synth-args", default=DEMO_PHANTOMS,
                         help=f"`aqcf synth` difficulty flags (default \"{DEMO_PHANTOMS}\")")
     parser.add_argument("--fit-args", default="", help="extra `aqcf fit` arguments, e.g. \"--trainer.max_epochs 2\"")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="write into a non-empty --out that holds no demo (a demo folder is resumed anyway)")
     return parser
 
 
@@ -53,13 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     config = Path(args.config)
     if not config.is_file():
         raise AqcfError(f"{config}: config not found")
+    resuming = out.is_dir() and any((out / name).exists() for name in DEMO_OUTPUTS)
+    check_output(out, inputs=[config], overwrite=True, kind="folder", names=DEMO_OUTPUTS)
+    if not resuming:  # someone else's folder
+        check_output(out, overwrite=args.overwrite, kind="folder")
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
     if not (data / "LiTS").is_dir():
         print(f"[demo] 1/4 writing {args.n_ct} CT + {args.n_mri} MRI phantoms to {data}", flush=True)
         synth = ["synth", "--out", str(data), "--n-ct", str(args.n_ct), "--n-mri", str(args.n_mri),
-                 "--shape", *map(str, args.shape), "--seed", str(args.seed), *args.synth_args.split()]
+                 "--shape", *map(str, args.shape), "--seed", str(args.seed), *args.synth_args.split(),
+                 "--overwrite"]  # phantoms/ without LiTS/ is what an interrupted synth left
         _check(aqcf(synth), "synth")
     else:
         print(f"[demo] 1/4 reusing the phantoms in {data}", flush=True)
@@ -84,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         best = checkpoints / "last.ckpt"
     if not (run / "test" / "summary.json").is_file():
         print(f"[demo] 3/4 testing {best.name} on the held-out phantoms of each modality", flush=True)
-        _check(aqcf(["test", *common, *args.fit_args.split(), "--ckpt_path", str(best)]), "test")
+        # no summary.json: results of an interrupted test, if any, are replaced
+        test = ["test", *common, *args.fit_args.split(), "--ckpt_path", str(best), "--overwrite", "true"]
+        _check(aqcf(test), "test")
     timings["test"] = time.perf_counter() - t
 
     print("[demo] 4/4 writing the report", flush=True)

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
@@ -27,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from aqcf.errors import AqcfError
+from aqcf.io import check_output
 from aqcf.visualize import overlay_grid, pick_slices, save_figure
 
 __all__ = [
@@ -322,9 +322,9 @@ def _parse_prediction(text: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf figures curves|qualitative ...``."""
-    parser = argparse.ArgumentParser(
-        prog="aqcf figures", description="Draw the paper's figures as PNG files."
-    )
+    from aqcf.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="aqcf figures", description="Draw the paper's figures as PNG files.")
     sub = parser.add_subparsers(dest="figure", required=True, metavar="{curves,qualitative}")
 
     curves = sub.add_parser(
@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     curves.add_argument("--per-class", action="store_true", help="add a panel of validation Dice per class")
     curves.add_argument("--title", default=None)
+    curves.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     quali = sub.add_parser(
         "qualitative",
@@ -361,9 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     quali.add_argument("--slices", type=int, default=3, help="number of axial slices (rows)")
     quali.add_argument("--alpha", type=float, default=0.4, help="label opacity")
     quali.add_argument("--title", default=None)
+    quali.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
     args = parser.parse_args(argv)
     if args.figure == "curves":
+        check_output(args.out, inputs=find_metrics_files(args.run_dirs), overwrite=args.overwrite)
         path = plot_curves(
             args.run_dirs, args.out, band=args.band, per_class=args.per_class, title=args.title
         )
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         predictions = dict(_parse_prediction(p) for p in args.pred)
         if len(predictions) != len(args.pred):
             raise AqcfError("--pred: two predictions share a column name")
+        check_output(args.out, inputs=[args.image, args.gt, *predictions.values()], overwrite=args.overwrite)
         path = plot_qualitative(
             args.image, args.gt, predictions, args.out, args.slices, args.title, args.alpha
         )

@@ -11,7 +11,6 @@ file checked against those ids. nnU-Net trains one modality per data set: export
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from aqcf.data.cohorts import read_cohort
 from aqcf.data.gate import CaseErrors, check_cases
 from aqcf.data.splits import check_splits
 from aqcf.errors import AqcfError
-from aqcf.io import write_text_atomic
+from aqcf.io import check_output, write_text_atomic
 
 __all__ = ["CHANNEL_NAMES", "LABELS", "SPLITS_NAME", "dataset_folder", "export_nnunet", "main"]
 
@@ -135,7 +134,9 @@ def export_nnunet(
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf export-nnunet ROOT --format F --modality M --id N --name NAME --out DIR [--splits FILE] [--copy]``."""
-    parser = argparse.ArgumentParser(
+    from aqcf.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="aqcf export-nnunet",
         description="Write a cohort as an nnU-Net v2 raw data set (aqcf's case ids as nnU-Net's identifiers) "
         "with aqcf's folds as splits_final.json, to train nnU-Net on the same folds.",
@@ -149,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=Path, default=None,
                         help="aqcf's fold file, <cache_dir>/<modality>/splits.json (written by the first aqcf fit)")
     parser.add_argument("--copy", action="store_true", help="copy the files instead of linking to them")
+    parser.add_argument("--overwrite", action="store_true", help="write into an existing DatasetXXX_NAME folder")
     args = parser.parse_args(argv)
+    check_output(dataset_folder(args.out, args.dataset_id, args.name), inputs=[args.root, args.splits],
+                 overwrite=args.overwrite, kind="folder")
     dataset = export_nnunet(args.root, args.format, args.modality, args.out, args.dataset_id, args.name,
                             args.splits, args.copy)
     print(f"wrote {dataset} (imagesTr/, labelsTr/, dataset.json{', ' + SPLITS_NAME if args.splits else ''})")

@@ -27,7 +27,6 @@ the field of view to the patient), tumor radii are in mm.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -574,9 +573,11 @@ def synthesize(
     return targets
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser():
+    from aqcf.cli import ArgumentParser
+
     ct, mri = ct_config(), mri_config()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="aqcf synth",
         description="Write phantom cohorts: CT in the LiTS layout (OUT/LiTS) and MRI in the ATLAS layout "
         "(OUT/ATLAS). Defaults are the realistic calibration; the flags set the difficulty.",
@@ -662,7 +663,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf synth``: write phantom cohorts; returns the exit code."""
+    from aqcf.io import check_output
+
     args = _parser().parse_args(argv)
+    # OUT/LiTS, OUT/ATLAS and OUT/synth.json are replaced; other files in OUT only make it "not empty"
+    check_output(args.out, overwrite=args.overwrite, kind="folder")
     configs = {}
     for prefix, make in (("ct", ct_config), ("mri", mri_config)):
         flags = {

@@ -23,7 +23,6 @@ naming the file.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -46,7 +45,7 @@ from aqcf.evaluation.metrics import (
     evaluate_case,
     summarise,
 )
-from aqcf.io import write_bytes_atomic, write_text_atomic
+from aqcf.io import check_output, write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "REF_FORMATS",
@@ -362,7 +361,9 @@ def format_summary(summary: Mapping) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf evaluate --pred DIR --ref DIR --out DIR [--modality ct|mri] [--ref-format ...]``."""
-    parser = argparse.ArgumentParser(
+    from aqcf.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="aqcf evaluate",
         description="Dice, HD95 (mm) and mean surface distance (mm) of liver (labels 1+2) and tumor "
         "(label 2) per case; writes metrics.csv and summary.json.",
@@ -397,6 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--phase and --rater apply to --ref-format liverhccseg only")
     if args.cache is not None and args.ref_format not in ("ircadb", "liverhccseg"):
         parser.error("--cache applies to --ref-format ircadb and liverhccseg only")
+    check_output(args.out, inputs=[args.pred, args.ref], overwrite=args.overwrite, kind="folder",
+                 names=(METRICS_FILE, SUMMARY_FILE))
+    if args.cache is not None:
+        check_output(args.cache, kind="cache")
     summary = evaluate_folder(
         args.pred, args.ref, args.out, modality=args.modality, ref_format=args.ref_format,
         reader_options=options, empty_distance=args.empty_distance, overwrite=args.overwrite,

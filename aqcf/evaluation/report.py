@@ -14,7 +14,6 @@ the Table 7-like ablation view), ``table_ct.csv``, ``table_mri.csv``, ``signific
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -30,7 +29,7 @@ from scipy.stats import wilcoxon
 from aqcf.constants import MODALITIES
 from aqcf.errors import AqcfError
 from aqcf.evaluation.metrics import CLASS_LABELS, METRICS
-from aqcf.io import write_bytes_atomic, write_text_atomic
+from aqcf.io import check_output, write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "Run",
@@ -465,9 +464,15 @@ def write_report(
     return {"tables": tables, "significance": significance, "ablation": ablation}
 
 
+#: what :func:`write_report` writes into its folder (``--overwrite`` replaces them)
+REPORT_FILES = ("report.md", "table_*.csv", "significance.csv", "ablation.csv", "folds.csv", "dice.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``aqcf report RUN_DIR... --out DIR [--baseline NAME] [--metric dice ...]``."""
-    parser = argparse.ArgumentParser(
+    from aqcf.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="aqcf report",
         description="Cross-validation tables (mean ± SD across folds), Wilcoxon signed-rank tests with "
         "Bonferroni correction and an ablation view, from the summary.json of each fold of each run.",
@@ -483,8 +488,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=ALPHA, help="family-wise significance level")
     parser.add_argument("--pattern", default=f"**/{SUMMARY_NAME}",
                         help="glob below each run selecting the fold summaries (default: **/summary.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     args = parser.parse_args(argv)
     runs = [load_run(name, path, args.pattern) for name, path in map(parse_run_spec, args.runs)]
+    check_output(args.out, inputs=[file for run in runs for files in run.sources.values() for file in files],
+                 overwrite=args.overwrite, kind="folder", names=REPORT_FILES)
     result = write_report(runs, args.out, baseline=args.baseline, metrics=args.metric, alpha=args.alpha)
     print((args.out / "report.md").read_text())
     n_tests = len(result["significance"])

@@ -21,7 +21,6 @@ formulas are a few lines of numpy/scipy.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -34,7 +33,7 @@ import numpy as np
 from scipy import stats
 
 from aqcf.errors import AqcfError
-from aqcf.io import write_text_atomic
+from aqcf.io import check_output, write_text_atomic
 
 __all__ = [
     "COLUMNS",
@@ -290,7 +289,9 @@ def write_reader_table(study: ReaderStudy, out_dir: str | os.PathLike) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf reader-stats scores.csv [--out DIR] [--alpha 0.05] [--scale 1 10]``."""
-    parser = argparse.ArgumentParser(
+    from aqcf.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="aqcf reader-stats",
         description="Reader study statistics (Table 8): mean ± SD per reader, ICC(2,1) with its CI, "
         "Cohen's kappa. "
@@ -309,11 +310,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("LOW", "HIGH"),
         help="Likert scale range",
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace the tables already in --out")
     args = parser.parse_args(argv)
     if not 0 < args.alpha < 1:
         raise AqcfError(f"--alpha {args.alpha} outside (0, 1)")
     if not args.scores.is_file():
         raise AqcfError(f"{args.scores}: no such file")
+    if args.out is not None:
+        check_output(args.out, inputs=[args.scores], overwrite=args.overwrite, kind="folder",
+                     names=("reader_study.md", "reader_study.json"))
     _, scores, acceptable = read_scores(args.scores, tuple(args.scale))
     study = reader_study(scores, acceptable, args.alpha)
     print(format_table(study))

@@ -24,7 +24,6 @@ volume.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import inspect
 import io
@@ -278,21 +277,20 @@ def _summary_markdown(summary: Mapping, band_mm: float) -> str:
     return "\n".join(lines)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise AqcfError(f"{out}: exists and is not a folder")
-    existing = [name for name in OUTPUT_FILES if (out / name).exists()]
-    if existing and not overwrite:
-        raise AqcfError(f"{out}: already holds results ({', '.join(existing)}); pass --overwrite to replace them")
+def _check_out(out: Path, overwrite: bool, inputs=()) -> None:
+    from aqcf.io import check_output
+
+    check_output(out, inputs=inputs, overwrite=overwrite, kind="folder", names=OUTPUT_FILES)
 
 
 # -------------------------------------------------------------------------------------------------- run
-def _parser() -> argparse.ArgumentParser:
+def _parser():
+    from aqcf.cli import ArgumentParser
     from aqcf.explain.features import SUMMARIES
     from aqcf.explain.saliency import METHODS, SCORE_REGIONS
     from aqcf.inference.predictor import DEVICES
 
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="aqcf explain",
         description="Grad-CAM / Grad-CAM++ saliency of the tumor class with localisation scores (Saliency-IoU, "
         "boundary band, pointing game), feature maps, and the adaptive gate statistics of a trained checkpoint. "
@@ -368,11 +366,14 @@ def main(argv: list[str] | None = None) -> int:
         extract_window,
         plot_saliency,
     )
-    from aqcf.io import write_text_atomic
+    from aqcf.io import check_output, write_text_atomic
     from aqcf.visualize import pick_slices, save_figure
 
     out = Path(args.out)
-    _check_out(out, args.overwrite)
+    inputs = [args.ckpt, args.data, *(getattr(args, f"{m}_data") for m in MODALITIES)]
+    _check_out(out, args.overwrite, inputs)
+    if args.cache:
+        check_output(args.cache, kind="cache")
     if args.cases is not None and args.cases < 1:
         raise AqcfError(f"--cases {args.cases}: need a positive number")
     if args.figure_cases < 0 or args.band_mm <= 0:

@@ -205,18 +205,13 @@ def load_checkpoint_info(path: str | Path) -> dict:
         ``{"hyper_parameters": dict, "datamodule_hyper_parameters": dict | None}``.
 
     Raises:
-        AqcfError: the file is missing or is not a Lightning checkpoint.
+        AqcfError: the file is missing, truncated or corrupt, or not an aqcf checkpoint
+            (:func:`aqcf.training.checkpoint_io.check_checkpoint`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise AqcfError(f"{path}: checkpoint not found")
-    try:
-        # memory-mapped: the weights are not read here (the checkpoint is the user's own pickle)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise AqcfError(f"{path}: not a readable checkpoint ({_first_line(err)})") from err
-    if not isinstance(checkpoint, Mapping) or "hyper_parameters" not in checkpoint:
-        raise AqcfError(f"{path}: not a checkpoint written by `aqcf fit` (no hyper_parameters)")
+    from aqcf.training.checkpoint_io import check_checkpoint
+
+    # memory-mapped: the weights are not read here
+    checkpoint = check_checkpoint(path)
     return {
         "hyper_parameters": dict(checkpoint["hyper_parameters"]),
         "datamodule_hyper_parameters": checkpoint.get("datamodule_hyper_parameters"),

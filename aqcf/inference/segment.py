@@ -33,7 +33,7 @@ import numpy as np
 
 from aqcf.constants import MODALITIES
 from aqcf.errors import AqcfError
-from aqcf.io import save_nifti_atomic
+from aqcf.io import check_output, child_path, safe_name, save_nifti_atomic
 
 __all__ = [
     "NIFTI_SUFFIXES",
@@ -135,22 +135,27 @@ def _check_headers(scans: Sequence[Scan]) -> None:
 
 
 def output_paths(scan: Scan, out_dir: str | Path, suffix: str = DEFAULT_SUFFIX, png: bool = False) -> dict[str, Path]:
-    """``{"mask": .nii.gz, "json": .json[, "png": .png]}`` paths of one scan's outputs."""
-    base = Path(out_dir) / f"{scan.name}{suffix}"
-    paths = {"mask": base.with_name(base.name + ".nii.gz"), "json": base.with_name(base.name + ".json")}
+    """``{"mask": .nii.gz, "json": .json[, "png": .png]}`` paths of one scan's outputs, all inside ``out_dir``.
+
+    Raises:
+        AqcfError: ``suffix`` holds a path separator (the outputs would leave ``out_dir``).
+    """
+    base = f"{scan.name}{safe_name(suffix, '--suffix')}"
+    paths = {"mask": child_path(out_dir, base + ".nii.gz"), "json": child_path(out_dir, base + ".json")}
     if png:
-        paths["png"] = base.with_name(base.name + ".png")
+        paths["png"] = child_path(out_dir, base + ".png")
     return paths
 
 
-def _check_outputs(scans: Sequence[Scan], out_dir: Path, suffix: str, png: bool, overwrite: bool) -> None:
-    sources = {scan.source.resolve() for scan in scans}
+def _check_outputs(
+    scans: Sequence[Scan], out_dir: Path, suffix: str, png: bool, overwrite: bool, inputs: Sequence = ()
+) -> None:
+    """Every output of every scan may be written (:func:`aqcf.io.check_output`), before any work starts."""
+    check_output(out_dir, kind="cache")  # a folder, or one that can be made
+    sources = [scan.source for scan in scans] + list(inputs)
     for scan in scans:
         for path in output_paths(scan, out_dir, suffix, png).values():
-            if path.resolve() in sources:
-                raise AqcfError(f"{path}: an output would replace an input scan; choose another --out or --suffix")
-            if path.exists() and not overwrite:
-                raise AqcfError(f"{path}: already exists (use --overwrite to replace it)")
+            check_output(path, inputs=sources, overwrite=overwrite)
 
 
 def write_mask(path: str | Path, labels: np.ndarray, reference: nib.spatialimages.SpatialImage) -> Path:
@@ -280,16 +285,10 @@ def segment_scans(
     return records
 
 
-class _Parser(argparse.ArgumentParser):
-    """Bad arguments end with one line, ``aqcf: error: ...``, and exit code 2."""
-
-    def error(self, message: str):
-        print(f"aqcf: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    from aqcf.cli import ArgumentParser
+
+    p = ArgumentParser(
         prog="aqcf segment",
         description="Segment liver and liver tumors in CT or MRI scans with a trained checkpoint. Applies the "
         "checkpoint's own preprocessing and sliding-window settings, runs the unimodal path (the other stream "
@@ -332,9 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from aqcf.inference.predictor import Predictor, load_checkpoint_info
 
-    load_checkpoint_info(args.ckpt)  # a missing or foreign checkpoint fails before the inputs are read
+    load_checkpoint_info(args.ckpt)  # a missing, damaged or foreign checkpoint fails before the inputs are read
     scans = find_scans(args.inputs)
-    _check_outputs(scans, Path(args.out), args.suffix, args.png, args.overwrite)
+    _check_outputs(scans, Path(args.out), args.suffix, args.png, args.overwrite, inputs=[args.ckpt])
     predictor = Predictor.from_checkpoint(
         args.ckpt,
         device=args.device,

@@ -3,6 +3,14 @@
 Defaults added here so every config gets them: a checkpoint callback (best by mean validation Dice and
 ``last.ckpt`` in ``<default_root_dir>/checkpoints``), validation overlay pictures, the learning-rate
 monitor, atomic checkpoint writes, and a W&B fallback to offline mode when no API key is configured.
+
+Checked before any work starts (one ``aqcf: error:`` line, exit 2, see :mod:`aqcf.cli`): the run folder,
+checkpoint folder and cache folder can be folders; ``--ckpt_path`` (``last`` and ``best`` resolved in
+``<run>/checkpoints``) passes :func:`~aqcf.training.checkpoint_io.check_checkpoint`; ``fit`` refuses a
+folder holding checkpoints unless resuming or ``--overwrite true``; ``test`` refuses to replace the
+results in ``<run>/test`` and ``predict`` the masks in its output folder without ``--overwrite true``.
+``fit`` removes the temporary files of checkpoint writes a kill interrupted, and a resumed run that has
+already reached ``max_steps`` / ``max_epochs`` says so and trains nothing.
 """
 
 from __future__ import annotations
@@ -18,10 +26,19 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from aqcf.data.datamodule import UnpairedDataModule
 from aqcf.errors import AqcfError
-from aqcf.inference.writer import PredictionMaskWriter
+from aqcf.evaluation.evaluate import METRICS_FILE, SUMMARY_FILE
+from aqcf.inference.writer import PREDICTIONS_DIR, PredictionMaskWriter
+from aqcf.io import check_output, safe_name
 from aqcf.models.segmentation import MONITOR, SegmentationModule
 from aqcf.training.callbacks import ValidationOverlays
-from aqcf.training.checkpoint_io import AtomicCheckpointIO
+from aqcf.training.checkpoint_io import (
+    AtomicCheckpointIO,
+    check_checkpoint,
+    finished_reason,
+    normalise_loop_state,
+    remove_stale_checkpoint_temporaries,
+)
+from aqcf.training.timing import StepTimer
 
 __all__ = ["AqcfCLI", "run_lightning", "ensure_wandb_mode"]
 
@@ -86,6 +103,8 @@ class AqcfCLI(LightningCLI):
         )
         parser.add_lightning_class_args(ValidationOverlays, "overlays")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        # steps/s and the share of time waiting for data, per epoch (aqcf.training.timing)
+        parser.add_lightning_class_args(StepTimer, "step_timer")
         # `aqcf predict` writes masks in each scan's original geometry (inactive in fit/validate/test)
         parser.add_lightning_class_args(PredictionMaskWriter, "prediction_writer")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
@@ -102,8 +121,18 @@ class AqcfCLI(LightningCLI):
             "--overwrite",
             type=bool,
             default=False,
-            help="fit: start afresh even if the run folder already holds checkpoints (they are replaced)",
+            help="fit: start afresh even if the run folder already holds checkpoints (they are replaced); test: "
+            "replace the results in <run>/test; predict: replace the masks in the predictions folder",
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads the model's hyper-parameters from an existing --ckpt_path file next, with
+        # torch.load: a damaged or foreign file must fail here first, with one line
+        subcommand = self.config.get("subcommand")
+        ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt and Path(ckpt).is_file():
+            check_checkpoint(ckpt)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -117,6 +146,9 @@ class AqcfCLI(LightningCLI):
             config.checkpoint.dirpath = str(Path(root) / "checkpoints")
         if "wandb" in str(config.trainer.logger).lower():
             ensure_wandb_mode()
+        for folder in (root, config.checkpoint.dirpath, config.data.get("cache_dir")):
+            if folder is not None:
+                check_output(folder, kind="cache")
         if self.subcommand == "fit" and config.get("ckpt_path") is None and not config.get("overwrite"):
             existing = sorted(Path(config.checkpoint.dirpath).glob("*.ckpt"))
             if existing:
@@ -124,11 +156,31 @@ class AqcfCLI(LightningCLI):
                     f"{config.checkpoint.dirpath} already holds checkpoints ({existing[0].name}, ...): resume with "
                     "--ckpt_path last, start afresh with --overwrite true, or choose another --trainer.default_root_dir"
                 )
-        ckpt = config.get("ckpt_path")
-        if ckpt not in (None, "last", "best", "hpc", "registry") and not Path(ckpt).is_file():
-            raise AqcfError(f"{ckpt}: checkpoint not found")
-        if ckpt == "last" and not (Path(config.checkpoint.dirpath) / "last.ckpt").is_file():
-            raise AqcfError(f"{Path(config.checkpoint.dirpath) / 'last.ckpt'}: no checkpoint to resume from")
+        self._resume = None
+        ckpt = _resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint)
+        if ckpt not in (None, "hpc", "registry"):
+            checkpoint = check_checkpoint(ckpt, resume=self.subcommand == "fit")
+            config.ckpt_path = ckpt
+            if self.subcommand == "fit":
+                normalise_loop_state(checkpoint)
+                self._resume = {key: checkpoint.get(key) for key in ("global_step", "loops")}
+        _check_results(self.subcommand, config, ckpt)
+        if self.subcommand == "fit" and _first_process():
+            removed = remove_stale_checkpoint_temporaries(config.checkpoint.dirpath)
+            if removed:
+                print(f"aqcf: removed {len(removed)} temporary file(s) of interrupted checkpoint writes from "
+                      f"{config.checkpoint.dirpath} ({', '.join(p.name for p in removed[:3])}"
+                      f"{', ...' if len(removed) > 3 else ''})", file=sys.stderr)
+
+    def fit(self, **kwargs) -> None:
+        """``trainer.fit``, unless the checkpoint resumed holds a finished run."""
+        if self._resume is not None:
+            reason = finished_reason(self._resume, self.trainer.max_steps, self.trainer.max_epochs)
+            if reason is not None:
+                print(f"aqcf: {kwargs.get('ckpt_path')}: the run is finished ({reason}); nothing to train "
+                      "(raise --trainer.max_epochs or --trainer.max_steps to train further)")
+                return
+        self.trainer.fit(**kwargs)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -136,6 +188,36 @@ class AqcfCLI(LightningCLI):
         if type(strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _resolve_ckpt_path(ckpt: str | None, checkpoint) -> str | None:
+    """``last`` / ``best`` as files in the checkpoint folder (in a new process Lightning knows no best model)."""
+    if ckpt == "last":
+        return str(Path(checkpoint.dirpath) / "last.ckpt")
+    if ckpt == "best" and checkpoint.filename:
+        return str(Path(checkpoint.dirpath) / f"{checkpoint.filename}.ckpt")
+    return ckpt
+
+
+def _check_results(subcommand: str | None, config, ckpt: str | None) -> None:
+    """``test`` and ``predict`` replace earlier results only with ``--overwrite true``."""
+    overwrite = bool(config.get("overwrite"))
+    root = Path(config.trainer.default_root_dir)
+    if subcommand == "test":
+        folder = config.model.get("test_output") or root / "test"
+        check_output(folder, inputs=[ckpt], overwrite=overwrite, kind="folder",
+                     names=(METRICS_FILE, SUMMARY_FILE), flag="--overwrite true")
+    elif subcommand == "predict":
+        writer = config.prediction_writer
+        suffix = safe_name(writer.get("suffix") or "", "--prediction_writer.suffix")
+        folder = writer.get("output_dir") or root / PREDICTIONS_DIR
+        check_output(folder, inputs=[ckpt], overwrite=overwrite, kind="folder",
+                     names=(f"*{suffix}.nii.gz", f"*{suffix}.json"), flag="--overwrite true")
+
+
+def _first_process() -> bool:
+    """Rank 0 of a (possibly distributed) launch, or a plain process."""
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
 
 
 def _config_stem(config) -> str | None:
