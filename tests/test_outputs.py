@@ -157,6 +157,10 @@ def _case(verb: str, tmp: Path, phantoms: Path, run_dir: Path) -> tuple[list[str
     if verb == "explain":
         out = tmp / "explained"
         return ["explain", "--ckpt", best, "--out", str(out), "--no-progress"], out, out / "summary.json"
+    if verb == "export":
+        out = tmp / "model.pt"
+        argv = ["export", "--ckpt", best, "--format", "torchscript", "--modality", "ct", "--out", str(out)]
+        return argv, out, out
     if verb == "demo":
         out = tmp / "demo"
         return ["demo", "--out", str(out)], out, out / "notes.txt"
@@ -172,7 +176,7 @@ def _case(verb: str, tmp: Path, phantoms: Path, run_dir: Path) -> tuple[list[str
 
 
 WRITING_VERBS = ["synth", "figures-curves", "figures-qualitative", "reader-stats", "evaluate", "report",
-                 "export-nnunet", "segment", "explain", "demo", "fit", "test", "predict"]
+                 "export-nnunet", "segment", "explain", "export", "demo", "fit", "test", "predict"]
 LIGHTNING = {"fit", "test", "predict"}
 
 
