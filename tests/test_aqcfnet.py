@@ -9,6 +9,7 @@ from aqcf.cli import main as aqcf_main
 from aqcf.networks.aqcfnet import AQCFNet, count_parameters
 from aqcf.networks.summary import main as summary_main
 from aqcf.nn.attention import QuaternionAttentionGate
+from aqcf.nn.quaternion import QuaternionConv3d, QuaternionConvTranspose3d, set_quaternion_product
 
 TINY = (2, 2, 4, 4, 8, 8)
 SMALL_PATCH = (32, 32, 16)
@@ -174,3 +175,46 @@ def test_summary_prints_the_total(capsys):
     assert f"{total:,}" in out and "total" in out and "31,500,000" in out
     assert aqcf_main(["summary", "--widths", *widths, "--algebra", "real", "--no-cross-fusion"]) == 0
     assert aqcf_main(["summary", "--widths", "2", "0", "4"]) == 2
+
+
+def quaternion_layers(net):
+    return [m for m in net.modules() if isinstance(m, (QuaternionConv3d, QuaternionConvTranspose3d))]
+
+
+@pytest.mark.parametrize("product", ["dense", "fast", "auto"])
+def test_quaternion_product_reaches_every_quaternion_layer(product):
+    net = AQCFNet(widths=TINY, quaternion_product=product)
+    layers = quaternion_layers(net)
+    # stems, encoders, A-QCF blocks, bottleneck, decoders with their gates and transposed convs
+    assert len(layers) == 2 * (1 + 2 * 4) + 4 * 2 * 4 + 2 + 2 * 4 * (1 + 2 + 2)
+    assert {layer.product for layer in layers} == {product}
+    set_quaternion_product(net, "dense")
+    assert {layer.resolved_product("cpu") for layer in layers} == {"dense"}
+    # the real ablation has no quaternion layer to set
+    assert quaternion_layers(AQCFNet(widths=TINY, algebra="real", quaternion_product="fast")) == []
+
+
+def test_fast_and_dense_networks_agree_and_share_checkpoints():
+    torch.manual_seed(4)
+    fast = AQCFNet(widths=TINY, quaternion_product="fast")
+    torch.manual_seed(4)
+    dense = AQCFNet(widths=TINY, quaternion_product="dense")
+    # same initialisation, same keys: either loads the other's state_dict
+    assert list(fast.state_dict()) == list(dense.state_dict())
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in fast.state_dict().items())
+    with torch.no_grad():
+        for module in dense.modules():
+            if isinstance(module, torch.nn.InstanceNorm3d):
+                module.bias.uniform_(-0.5, 0.5)
+    fast.load_state_dict(dense.state_dict())
+    ct, mri = patch(), patch()
+    with torch.no_grad():
+        out_fast, out_dense = fast(ct, mri), dense(ct, mri)
+    for a, b in zip(out_fast, out_dense, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    dense.load_state_dict(fast.state_dict())
+
+
+def test_bad_quaternion_product_raises():
+    with pytest.raises(ValueError, match="product='sparse'"):
+        AQCFNet(widths=TINY, quaternion_product="sparse")

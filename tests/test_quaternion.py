@@ -9,12 +9,17 @@ import pytest
 import torch
 from torch import nn
 
+from aqcf.errors import AqcfError
 from aqcf.nn.quaternion import (
     QuaternionConv3d,
     QuaternionConvTranspose3d,
     hamilton_product,
     quaternion_cat,
+    resolve_product,
+    set_quaternion_product,
 )
+
+PRODUCTS = ["dense", "fast"]
 
 # unit products: (a, b) -> (sign, c) with e_a e_b = sign e_c; units 0=1, 1=i, 2=j, 3=k
 UNIT_TABLE = {
@@ -65,8 +70,9 @@ def test_quaternion_cat_interleaves_components():
     assert out == [0, 10, 11, 1, 12, 13, 2, 14, 15, 3, 16, 17]
 
 
-def test_conv_1x1x1_is_left_hamilton_product_per_voxel():
-    layer = QuaternionConv3d(4 * 2, 4 * 3, kernel_size=1)
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_conv_1x1x1_is_left_hamilton_product_per_voxel(product):
+    layer = QuaternionConv3d(4 * 2, 4 * 3, kernel_size=1, product=product)
     with torch.no_grad():
         layer.bias.normal_()
     x = torch.randn(1, 4 * 2, 2, 3, 2)
@@ -87,7 +93,7 @@ def expected_conv3x3x3(w, x, q_out):
     """Sum over kernel offsets of W[offset] ⊗ x[voxel + offset - 1] (zero padding 1)."""
     xc = torch.chunk(torch.nn.functional.pad(x, (1, 1) * 3), 4, dim=1)
     size = x.shape[2:]
-    out = [torch.zeros(x.shape[0], q_out, *size) for _ in range(4)]
+    out = [torch.zeros(x.shape[0], q_out, *size, dtype=x.dtype) for _ in range(4)]
     for dx, dy, dz in itertools.product(range(3), repeat=3):
         shifted = [c[:, :, dx : dx + size[0], dy : dy + size[1], dz : dz + size[2]] for c in xc]
         for (a, b), (sign, c) in UNIT_TABLE.items():
@@ -95,15 +101,17 @@ def expected_conv3x3x3(w, x, q_out):
     return torch.cat(out, dim=1)
 
 
-def test_conv_3x3x3_sums_hamilton_products_over_offsets():
-    layer = QuaternionConv3d(4 * 2, 4 * 3, kernel_size=3, bias=False)
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_conv_3x3x3_sums_hamilton_products_over_offsets(product):
+    layer = QuaternionConv3d(4 * 2, 4 * 3, kernel_size=3, bias=False, product=product)
     x = torch.randn(2, 4 * 2, 5, 4, 6)
     expected = expected_conv3x3x3(components(layer), x, 3)
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_strided_conv_subsamples_the_same_products():
-    layer = QuaternionConv3d(4, 8, kernel_size=3, stride=2, bias=False)
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_strided_conv_subsamples_the_same_products(product):
+    layer = QuaternionConv3d(4, 8, kernel_size=3, stride=2, bias=False, product=product)
     x = torch.randn(1, 4, 8, 6, 4)
     expected = expected_conv3x3x3(components(layer), x, 2)[:, :, ::2, ::2, ::2]
     out = layer(x)
@@ -111,8 +119,9 @@ def test_strided_conv_subsamples_the_same_products():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_transposed_conv_scatters_w_times_x():
-    layer = QuaternionConvTranspose3d(4 * 2, 4 * 3, kernel_size=2, stride=2)
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_transposed_conv_scatters_w_times_x(product):
+    layer = QuaternionConvTranspose3d(4 * 2, 4 * 3, kernel_size=2, stride=2, product=product)
     with torch.no_grad():
         layer.bias.normal_()
     x = torch.randn(1, 4 * 2, 2, 3, 2)
@@ -132,8 +141,9 @@ def test_transposed_conv_scatters_w_times_x():
                 assert got == pytest.approx(expected, abs=1e-5)
 
 
-def test_transposed_conv_is_not_the_conjugate_product():
-    layer = QuaternionConvTranspose3d(4, 4, kernel_size=1, stride=1, bias=False)
+@pytest.mark.parametrize("product", PRODUCTS)
+def test_transposed_conv_is_not_the_conjugate_product(product):
+    layer = QuaternionConvTranspose3d(4, 4, kernel_size=1, stride=1, bias=False, product=product)
     x = torch.randn(1, 4, 1, 1, 1)
     wq = [c[0, 0, 0, 0, 0].item() for c in components(layer)]
     xq = x.flatten().tolist()
@@ -186,3 +196,194 @@ def test_init_modulus_has_the_chi4_scale(init):
     assert (components(layer)[0] ** 2).mean().item() == pytest.approx(2 * sigma2, rel=0.05)
     assert layer.bias.abs().max().item() == 0.0
     assert math.isfinite(squared_modulus.max().item())
+
+
+# the fast product (8 multiplications) against the textbook product and against the dense path
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def assert_relative_close(actual, expected, rel):
+    """Largest deviation within ``rel`` of the largest magnitude (sums of many products cancel)."""
+    assert actual.shape == expected.shape
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= rel * scale, (actual - expected).abs().max().item() / scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(("size", "stride"), [((5, 4, 7), 1), ((5, 7, 3), 2), ((6, 6, 4), 2)])
+def test_fast_conv_and_its_gradients_follow_the_unit_table(dtype, size, stride):
+    torch.manual_seed(0)
+    layer = QuaternionConv3d(4 * 3, 4 * 2, kernel_size=3, stride=stride, product="fast").to(dtype)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 4 * 3, *size, dtype=dtype, requires_grad=True)
+    out = layer(x)
+    upstream = torch.randn_like(out)
+    (out * upstream).sum().backward()
+
+    # the same sum of products by the table, differentiated by autograd through einsum
+    w = [c.detach().clone().requires_grad_() for c in components(layer)]
+    x_ref = x.detach().clone().requires_grad_()
+    bias = layer.bias.detach().view(1, -1, 1, 1, 1)
+    expected = expected_conv3x3x3(w, x_ref, 2)[:, :, ::stride, ::stride, ::stride] + bias
+    (expected * upstream).sum().backward()
+
+    rel = TOLERANCE[dtype]
+    assert_relative_close(out.detach(), expected.detach(), rel)
+    assert_relative_close(x.grad, x_ref.grad, rel)
+    for name, ref in zip(("r_weight", "i_weight", "j_weight", "k_weight"), w, strict=True):
+        assert_relative_close(getattr(layer, name).grad, ref.grad, rel)
+    assert_relative_close(layer.bias.grad, upstream.sum(dim=(0, 2, 3, 4)), rel)
+
+
+LAYER_CASES = {
+    "conv k1": (QuaternionConv3d, {"kernel_size": 1}, (2, 3, 5, 7)),
+    "conv k3": (QuaternionConv3d, {"kernel_size": 3}, (2, 5, 3, 6)),
+    "conv k3 stride 2": (QuaternionConv3d, {"kernel_size": 3, "stride": 2}, (1, 7, 5, 4)),
+    "conv k3 dilation 2": (QuaternionConv3d, {"kernel_size": 3, "dilation": 2}, (1, 7, 5, 6)),
+    "transposed k2 stride 2": (QuaternionConvTranspose3d, {"kernel_size": 2, "stride": 2}, (2, 3, 5, 2)),
+    "transposed k3 stride 2": (
+        QuaternionConvTranspose3d,
+        {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1},
+        (1, 3, 4, 5),
+    ),
+}
+
+
+def forward_backward(layer, x, upstream_seed=1):
+    """Output and gradients w.r.t. the input, the four sub-kernels and the bias."""
+    x = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    out = layer(x)
+    upstream = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(upstream_seed))
+    (out * upstream).sum().backward()
+    params = ("r_weight", "i_weight", "j_weight", "k_weight", "bias")
+    return {"output": out.detach(), "input": x.grad} | {name: getattr(layer, name).grad for name in params}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_fast_and_dense_give_the_same_output_and_gradients(case, dtype):
+    cls, kwargs, (batch, *size) = LAYER_CASES[case]
+    torch.manual_seed(0)
+    layer = cls(4 * 3, 4 * 5, **kwargs).to(dtype)
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(batch, 4 * 3, *size, dtype=dtype)
+    layer.product = "dense"
+    dense = forward_backward(layer, x)
+    layer.product = "fast"
+    fast = forward_backward(layer, x)
+    for name, expected in dense.items():
+        assert_relative_close(fast[name], expected, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("cls", [QuaternionConv3d, QuaternionConvTranspose3d])
+def test_product_changes_neither_parameters_nor_initialisation(cls):
+    layers = {}
+    for product in ("dense", "fast", "auto"):
+        torch.manual_seed(5)
+        layers[product] = cls(8, 12, 3, product=product)
+    keys = {"r_weight", "i_weight", "j_weight", "k_weight", "bias"}
+    for layer in layers.values():
+        assert set(layer.state_dict()) == keys
+    for name in keys:
+        assert torch.equal(getattr(layers["dense"], name), getattr(layers["fast"], name))
+        assert torch.equal(getattr(layers["dense"], name), getattr(layers["auto"], name))
+    layers["fast"].load_state_dict(layers["dense"].state_dict())
+
+
+@pytest.mark.parametrize(
+    ("q_in", "q_out", "kernel", "transposed", "expected"),
+    [
+        (32, 32, 3, False, "fast"),
+        (48, 96, 3, False, "fast"),
+        (384, 192, (3, 3, 3), False, "fast"),
+        (16, 16, 3, False, "dense"),  # below the width threshold
+        (32, 16, 3, False, "dense"),  # both widths must reach it
+        (24, 48, 3, False, "dense"),  # 24 is no multiple of 16
+        (56, 56, 3, False, "dense"),
+        (192, 192, 1, False, "dense"),  # a 1x1x1 grouped convolution loses
+        (256, 96, 2, True, "fast"),
+        (96, 48, 2, True, "dense"),  # transposed convolutions need wider layers
+    ],
+)
+def test_auto_follows_the_measured_rule_on_cpu(q_in, q_out, kernel, transposed, expected):
+    assert resolve_product("auto", q_in, q_out, kernel, "cpu", transposed) == expected
+    assert resolve_product("auto", q_in, q_out, kernel, torch.device("cpu"), transposed) == expected
+    # not measured on a GPU: dense unless forced
+    assert resolve_product("auto", q_in, q_out, kernel, "cuda", transposed) == "dense"
+    assert resolve_product("fast", q_in, q_out, kernel, "cuda", transposed) == "fast"
+    assert resolve_product("dense", q_in, q_out, kernel, "cpu", transposed) == "dense"
+
+
+@pytest.fixture
+def conv_groups(monkeypatch):
+    """The ``groups`` of every ``F.conv3d`` / ``F.conv_transpose3d`` call, in order."""
+    calls = []
+    conv3d, conv_transpose3d = torch.nn.functional.conv3d, torch.nn.functional.conv_transpose3d
+
+    def recording_conv3d(*args, **kwargs):
+        calls.append(args[6] if len(args) > 6 else kwargs.get("groups", 1))
+        return conv3d(*args, **kwargs)
+
+    def recording_conv_transpose3d(*args, **kwargs):
+        calls.append(args[6] if len(args) > 6 else kwargs.get("groups", 1))
+        return conv_transpose3d(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", recording_conv3d)
+    monkeypatch.setattr(torch.nn.functional, "conv_transpose3d", recording_conv_transpose3d)
+    return calls
+
+
+def test_auto_runs_one_grouped_convolution_only_for_wide_layers_on_cpu(conv_groups):
+    def run(layer):
+        layer(torch.randn(1, layer.in_channels, 2, 2, 2))
+
+    run(QuaternionConv3d(4 * 32, 4 * 48, 3, bias=False))
+    run(QuaternionConv3d(4 * 24, 4 * 48, 3, bias=False))
+    run(QuaternionConv3d(4 * 32, 4 * 32, 1, bias=False))
+    run(QuaternionConvTranspose3d(4 * 96, 4 * 96, 2, stride=2, bias=False))
+    run(QuaternionConvTranspose3d(4 * 32, 4 * 32, 2, stride=2, bias=False))
+    assert conv_groups == [8, 1, 1, 8, 1]
+
+
+def test_forcing_overrides_auto_and_resets_the_cached_choice(conv_groups):
+    layer = QuaternionConv3d(8, 8, 3, product="fast")
+    x = torch.randn(1, 8, 3, 3, 3)
+    assert layer.resolved_product("cpu") == "fast"
+    layer(x)
+    layer.product = "dense"
+    layer(x)
+    assert layer.resolved_product(x.device) == "dense"
+    layer.product = "auto"  # 2 quaternion channels: narrow
+    layer(x)
+    assert conv_groups == [8, 1, 1]
+    assert "product='auto'" in repr(layer)
+
+
+def test_set_quaternion_product_reaches_every_quaternion_layer():
+    block = nn.Sequential(
+        QuaternionConv3d(8, 8, 3),
+        nn.Sequential(nn.Conv3d(8, 8, 1), QuaternionConvTranspose3d(8, 4, 2, stride=2)),
+    )
+    assert set_quaternion_product(block, "fast") is block
+    assert [m.product for m in (block[0], block[1][1])] == ["fast", "fast"]
+    set_quaternion_product(block, "dense")
+    assert [m.resolved_product("cpu") for m in (block[0], block[1][1])] == ["dense", "dense"]
+
+
+@pytest.mark.parametrize("bad", ["Fast", "sparse", "", None])
+def test_bad_product_raises_one_line_error(bad):
+    with pytest.raises(AqcfError, match="product") as error:
+        QuaternionConv3d(8, 8, 3, product=bad)
+    assert "\n" not in str(error.value)
+    with pytest.raises(AqcfError, match="expected one of"):
+        QuaternionConvTranspose3d(8, 8, 2, product=bad)
+    with pytest.raises(AqcfError):
+        set_quaternion_product(nn.Sequential(QuaternionConv3d(8, 8, 1)), bad)
+    layer = QuaternionConv3d(8, 8, 1)
+    with pytest.raises(AqcfError):
+        layer.product = bad
+    assert layer.product == "auto"

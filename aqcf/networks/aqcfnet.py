@@ -28,7 +28,7 @@ from aqcf.nn.blocks import (
     make_conv_transpose,
 )
 from aqcf.nn.fusion import ADAPTIVE, DEFAULT_GATE_REDUCTION, AQCFBlock, check_gate
-from aqcf.nn.quaternion import QUATERNION_COMPONENTS, quaternion_cat
+from aqcf.nn.quaternion import AUTO, QUATERNION_COMPONENTS, quaternion_cat, set_quaternion_product
 
 __all__ = [
     "PAPER_WIDTHS",
@@ -162,6 +162,8 @@ class AQCFNet(nn.Module):
         attention_gates: attention-gate the decoder skips.
         negative_slope: LeakyReLU slope.
         gate_reduction: reduction of the A-QCF gate MLP's hidden width.
+        quaternion_product: ``"auto"``, ``"dense"`` or ``"fast"`` for every quaternion convolution
+            (:func:`~aqcf.nn.quaternion.set_quaternion_product`); same parameters and output either way.
 
     Attributes:
         last_gates: after each forward, ``{"stage{s}/mri_to_ct": λ, "stage{s}/ct_to_mri": λ}`` with
@@ -180,6 +182,7 @@ class AQCFNet(nn.Module):
         attention_gates: bool = True,
         negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
         gate_reduction: int = DEFAULT_GATE_REDUCTION,
+        quaternion_product: str = AUTO,
     ) -> None:
         super().__init__()
         widths = tuple(widths)
@@ -243,6 +246,7 @@ class AQCFNet(nn.Module):
         # a real 1x1x1 conv maps the quaternion features back to real class logits
         self.heads = nn.ModuleDict({m: nn.Conv3d(levels[0], num_classes, 1) for m in MODALITIES})
         self.last_gates: dict[str, Tensor] = {}
+        set_quaternion_product(self, quaternion_product)
 
     def _bottleneck(self, modality: str) -> nn.Module:
         return self.bottleneck if self.bottleneck_mode == SHARED else self.bottleneck[modality]

@@ -11,10 +11,46 @@ realised as one real convolution whose weight is assembled from the four sub-ker
     | Wk -Wj  Wi  Wr |   | xk |
 
 so the layer holds a quarter of the weights of a real convolution of the same real shape (eq. 3).
+
+That dense path (``product="dense"``) costs what ``nn.Conv3d`` of the same real shape costs: 16 real
+convolutions of ``C_in -> C_out`` channels. A quaternion product needs only 8 real multiplications
+(Howell & Lafon 1975; Cariow & Cariowa, IEEE TNNLS 32(1), 2021), and because convolution is bilinear
+the same algorithm turns ``W ⊗ x`` into 8 real convolutions (``product="fast"``). The one used here:
+with the components numbered r=0, i=1, j=2, k=3, entry ``(n, m)`` of the matrix above is
+``± W_{n xor m}``, so up to signs it is a dyadic convolution, which the 4×4 Walsh-Hadamard matrix
+``H`` (rows ``(1,1,1,1), (1,-1,1,-1), (1,1,-1,-1), (1,-1,-1,1)``, ``H H = 4 I``) diagonalises:
+``-H (H conj(W) ∘ H conj(x)) / 4 = sum_m conj(W)_{n xor m} (-conj(x))_m`` with
+``conj(W) = (Wr, -Wi, -Wj, -Wk)``. Its signs agree with the matrix above in all but the four entries
+``Wr xr, Wj xk, Wk xi, Wi xj`` (in rows r, i, j, k), which four more products correct::
+
+    A = H conj(W):  A0 = Wr - Wi - Wj - Wk    X = H conj(x):  X0 = xr - xi - xj - xk
+                    A1 = Wr + Wi - Wj + Wk                    X1 = xr + xi - xj + xk
+                    A2 = Wr - Wi + Wj + Wk                    X2 = xr - xi + xj + xk
+                    A3 = Wr + Wi + Wj - Wk                    X3 = xr + xi + xj - xk
+
+    P_m = (-A_m / 4) * X_m      (m = 0..3, the dyadic part)
+    P_4 = 2 Wr * xr,   P_5 = 2 Wj * xk,   P_6 = 2 Wk * xi,   P_7 = 2 Wi * xj   (the four corrections)
+
+    yr = P0 + P1 + P2 + P3 + P4
+    yi = P0 - P1 + P2 - P3 + P5
+    yj = P0 + P1 - P2 - P3 + P6
+    yk = P0 - P1 - P2 + P3 + P7
+
+where ``*`` is the real convolution (or transposed convolution) of ``C_in -> C_out`` channels: one
+grouped convolution with ``groups=8`` whose input stacks ``X0..X3, xr, xk, xi, xj`` and whose weight
+stacks the 8 kernel combinations; the bias rides on the groups of ``P_4..P_7``. The factors ``-1/4``
+and ``2`` are powers of two, so folding them into the kernels is exact. Expanding ``yi``, for example:
+``P0 - P1 + P2 - P3 = Wi xr + Wr xi - Wk xj - Wj xk`` and ``P5 = 2 Wj xk`` give the eq. 2 row
+``Wi xr + Wr xi - Wk xj + Wj xk``.
+
+On a CPU the grouped convolution is slow at narrow widths and at widths that are no multiple of 16,
+so ``product="auto"`` (the default) takes the fast path only where it was measured to win; see
+:func:`resolve_product`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -32,6 +68,15 @@ __all__ = [
     "quaternion_cat",
     "check_quaternion_channels",
     "quaternion_init_",
+    "AUTO",
+    "DENSE",
+    "FAST",
+    "PRODUCTS",
+    "FAST_CHANNEL_MULTIPLE_CPU",
+    "FAST_MIN_CHANNELS_CPU",
+    "check_product",
+    "resolve_product",
+    "set_quaternion_product",
     "QuaternionConv3d",
     "QuaternionConvTranspose3d",
 ]
@@ -39,6 +84,24 @@ __all__ = [
 QUATERNION_COMPONENTS = 4
 INIT_CRITERIA = ("he", "glorot")
 _SPATIAL_DIMS = 3
+
+AUTO = "auto"
+DENSE = "dense"
+FAST = "fast"
+PRODUCTS = (AUTO, DENSE, FAST)
+# 8 real convolutions of the fast path, one group each
+_FAST_GROUPS = 8
+# "auto" on a CPU takes the fast path for kernels of more than one voxel when both quaternion widths
+# are multiples of FAST_CHANNEL_MULTIPLE_CPU and at least FAST_MIN_CHANNELS_CPU[kind]. Measured with
+# benchmarks/bench_quaternion.py (forward + backward, fast / dense quaternion path) on the 2-core
+# development CPU (AVX-512), torch 2.13: 3x3x3 convs win from 32 channels (32->32: 0.70-0.76, 48->48:
+# 0.56-0.65, 96->96: 0.50, 192->192: 0.36) but lose at widths that are no multiple of 16, whatever
+# their size (24->24: 6.4, 36->36: 1.8, 40->40: 1.4, 56->56: 0.97), where oneDNN has no blocked kernel
+# for the groups; 16->16 ties (0.99). Transposed 2x2x2 convs win only on the deepest grids (256->96:
+# 0.46; 96->48 0.55-1.11 with the grid; 64->32: 1.1-2.0; 48->48: 1.6). 1x1x1 convs lose up to 96->96
+# (1.25-2.1).
+FAST_CHANNEL_MULTIPLE_CPU = 16
+FAST_MIN_CHANNELS_CPU = {"conv": 32, "transposed": 96}
 
 
 def check_quaternion_channels(channels: int, name: str = "channels") -> int:
@@ -144,8 +207,129 @@ def quaternion_init_(components: Sequence[Tensor], fan_in: float, fan_out: float
     w_k.copy_(sin * axis[2])
 
 
+def check_product(product: str) -> str:
+    """Return ``product`` if it is ``"auto"``, ``"dense"`` or ``"fast"``, else raise :class:`AqcfError`."""
+    if product not in PRODUCTS:
+        raise AqcfError(f"quaternion product={product!r}: expected one of {PRODUCTS}")
+    return product
+
+
+def resolve_product(
+    product: str,
+    q_in: int,
+    q_out: int,
+    kernel_size: int | Sequence[int],
+    device: torch.device | str,
+    transposed: bool = False,
+) -> str:
+    """The path a quaternion layer of ``q_in -> q_out`` quaternion channels takes on ``device``.
+
+    ``"dense"`` and ``"fast"`` are returned as they are. ``"auto"`` gives ``"fast"`` on a CPU where it
+    was measured to win: a kernel of more than one voxel, ``q_in`` and ``q_out`` multiples of
+    ``FAST_CHANNEL_MULTIPLE_CPU`` and ``min(q_in, q_out) >= FAST_MIN_CHANNELS_CPU["conv"]`` (or
+    ``["transposed"]``). On every other device it gives ``"dense"``: on a GPU the two paths have not
+    been measured, so the single ungrouped convolution is kept unless a user forces ``"fast"``.
+    """
+    product = check_product(product)
+    if product != AUTO:
+        return product
+    if torch.device(device).type != "cpu" or math.prod(_triple(kernel_size)) == 1:
+        return DENSE
+    blocked = q_in % FAST_CHANNEL_MULTIPLE_CPU == 0 and q_out % FAST_CHANNEL_MULTIPLE_CPU == 0
+    wide = min(q_in, q_out) >= FAST_MIN_CHANNELS_CPU["transposed" if transposed else "conv"]
+    return FAST if blocked and wide else DENSE
+
+
+def set_quaternion_product(module: nn.Module, product: str) -> nn.Module:
+    """Set ``product`` (``"auto"``, ``"dense"`` or ``"fast"``) on every quaternion convolution in ``module``.
+
+    Returns:
+        ``module`` itself; real layers are left as they are.
+    """
+    product = check_product(product)
+    for layer in module.modules():
+        if isinstance(layer, _QuaternionConvBase):
+            layer.product = product
+    return module
+
+
+# The fast product's three constant matrices (module docstring), columns/rows in component order
+# r, i, j, k. Applied by one matrix product each, rather than a dozen elementwise operations: on a
+# loaded CPU every parallel elementwise kernel costs a scheduler time slice, whatever its size.
+_FAST_KERNEL_MATRIX = (  # the 8 kernels from (Wr, Wi, Wj, Wk)
+    (-0.25, 0.25, 0.25, 0.25),  # -A0/4
+    (-0.25, -0.25, 0.25, -0.25),  # -A1/4
+    (-0.25, 0.25, -0.25, -0.25),  # -A2/4
+    (-0.25, -0.25, -0.25, 0.25),  # -A3/4
+    (2.0, 0.0, 0.0, 0.0),  # 2Wr
+    (0.0, 0.0, 2.0, 0.0),  # 2Wj
+    (0.0, 0.0, 0.0, 2.0),  # 2Wk
+    (0.0, 2.0, 0.0, 0.0),  # 2Wi
+)
+_FAST_INPUT_MATRIX = (  # the 8 inputs from (xr, xi, xj, xk)
+    (1.0, -1.0, -1.0, -1.0),  # X0
+    (1.0, 1.0, -1.0, 1.0),  # X1
+    (1.0, -1.0, 1.0, 1.0),  # X2
+    (1.0, 1.0, 1.0, -1.0),  # X3
+    (1.0, 0.0, 0.0, 0.0),  # xr
+    (0.0, 0.0, 0.0, 1.0),  # xk
+    (0.0, 1.0, 0.0, 0.0),  # xi
+    (0.0, 0.0, 1.0, 0.0),  # xj
+)
+_FAST_OUTPUT_MATRIX = (  # (yr, yi, yj, yk) from P0..P7: H on P0..P3, plus P4..P7
+    (1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0),
+    (1.0, -1.0, 1.0, -1.0, 0.0, 1.0, 0.0, 0.0),
+    (1.0, 1.0, -1.0, -1.0, 0.0, 0.0, 1.0, 0.0),
+    (1.0, -1.0, -1.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+)
+
+
+@functools.cache
+def _fast_matrix(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.tensor(rows, dtype=dtype, device=device)
+
+
+def _mix_blocks(rows: tuple[tuple[float, ...], ...], blocks: Tensor, dim: int) -> Tensor:
+    """Linear combinations of the equal channel blocks of ``blocks`` along ``dim``, one per row of ``rows``.
+
+    ``blocks`` has ``len(rows[0])`` blocks along ``dim``; the result has ``len(rows)`` blocks there,
+    block ``m`` being ``sum_n rows[m][n] * block_n``.
+    """
+    matrix = _fast_matrix(rows, blocks.dtype, blocks.device)
+    n_out, n_in = matrix.shape
+    lead = blocks.shape[:dim]
+    grouped = blocks.reshape(*lead, n_in, -1)
+    mixed = torch.matmul(matrix, grouped)
+    return mixed.reshape(*lead, n_out * blocks.shape[dim] // n_in, *blocks.shape[dim + 1 :])
+
+
+def _fast_kernels(r: Tensor, i: Tensor, j: Tensor, k: Tensor) -> Tensor:
+    """The 8 kernels ``-A0/4, -A1/4, -A2/4, -A3/4, 2Wr, 2Wj, 2Wk, 2Wi``.
+
+    Args:
+        r, i, j, k: sub-kernels ``(dim0, dim1, *kernel)``.
+
+    Returns:
+        ``(8 dim0, dim1, *kernel)``, the 8 kernels stacked along dim 0.
+    """
+    return _mix_blocks(_FAST_KERNEL_MATRIX, torch.cat([r, i, j, k]), dim=0)
+
+
+def _fast_inputs(x: Tensor) -> Tensor:
+    """``(B, 4C, ...)`` -> ``(B, 8C, ...)``: the 8 inputs ``X0, X1, X2, X3, xr, xk, xi, xj``."""
+    check_quaternion_channels(x.shape[1], "input channels")
+    return _mix_blocks(_FAST_INPUT_MATRIX, x, dim=1)
+
+
+def _fast_outputs(products: Tensor) -> Tensor:
+    """``(B, 8C, ...)`` holding ``P0..P7`` -> ``W ⊗ x``, ``(B, 4C, ...)``."""
+    return _mix_blocks(_FAST_OUTPUT_MATRIX, products, dim=1)
+
+
 class _QuaternionConvBase(nn.Module):
     """Four sub-kernels ``r, i, j, k`` of shape ``(dim0, dim1, *kernel)`` and a real bias."""
+
+    transposed = False
 
     def __init__(
         self,
@@ -155,8 +339,10 @@ class _QuaternionConvBase(nn.Module):
         sub_kernel_dims: tuple[int, int],
         bias: bool,
         init: str,
+        product: str,
     ) -> None:
         super().__init__()
+        self.product = product
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.q_in = check_quaternion_channels(in_channels, "in_channels")
@@ -172,6 +358,36 @@ class _QuaternionConvBase(nn.Module):
         self.k_weight = nn.Parameter(torch.empty(shape))
         # the bias acts on real channels, as in Parcollet et al.'s layers
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
+
+    @property
+    def product(self) -> str:
+        """``"auto"``, ``"dense"`` (one real convolution with the eq. 2 kernel) or ``"fast"`` (8 multiplications)."""
+        return self._product
+
+    @product.setter
+    def product(self, product: str) -> None:
+        self._product = check_product(product)
+        # device type -> "dense" or "fast", decided once per device
+        self._resolved: dict[str, str] = {}
+
+    def resolved_product(self, device: torch.device | str) -> str:
+        """The path :meth:`forward` takes on ``device``: ``"dense"`` or ``"fast"`` (see :func:`resolve_product`)."""
+        device_type = torch.device(device).type
+        if device_type not in self._resolved:
+            self._resolved[device_type] = resolve_product(
+                self._product, self.q_in, self.q_out, self.kernel_size, device_type, self.transposed
+            )
+        return self._resolved[device_type]
+
+    def fast_weight(self) -> Tensor:
+        """The 8 kernel combinations of the fast product, ``(8 dim0, dim1, *kernel_size)``."""
+        return _fast_kernels(self.r_weight, self.i_weight, self.j_weight, self.k_weight)
+
+    def fast_bias(self) -> Tensor | None:
+        """The bias of the grouped convolution: zero on ``P0..P3``, the layer's bias on ``P4..P7``."""
+        if self.bias is None:
+            return None
+        return torch.cat([torch.zeros_like(self.bias), self.bias])
 
     def _fans(self) -> tuple[float, float]:
         receptive = math.prod(self.kernel_size)
@@ -197,6 +413,8 @@ class QuaternionConv3d(_QuaternionConvBase):
         dilation: kernel dilation.
         bias: add a learnable real bias per output channel.
         init: ``"he"`` or ``"glorot"`` scale of the quaternion initialisation.
+        product: ``"dense"`` (eq. 2 kernel, one convolution), ``"fast"`` (8 multiplications, one
+            grouped convolution) or ``"auto"`` (:func:`resolve_product`); same parameters and result.
 
     Shapes:
         input ``(B, in_channels, X, Y, Z)`` -> output ``(B, out_channels, X', Y', Z')``.
@@ -212,10 +430,11 @@ class QuaternionConv3d(_QuaternionConvBase):
         dilation: int | Sequence[int] = 1,
         bias: bool = True,
         init: str = "he",
+        product: str = AUTO,
     ) -> None:
         q_in = check_quaternion_channels(in_channels, "in_channels")
         q_out = check_quaternion_channels(out_channels, "out_channels")
-        super().__init__(in_channels, out_channels, kernel_size, (q_out, q_in), bias, init)
+        super().__init__(in_channels, out_channels, kernel_size, (q_out, q_in), bias, init, product)
         self.stride = _triple(stride)
         self.dilation = _triple(dilation)
         if padding is None:
@@ -238,12 +457,16 @@ class QuaternionConv3d(_QuaternionConvBase):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv3d(x, self.real_weight(), self.bias, self.stride, self.padding, self.dilation)
+        if self.resolved_product(x.device) == DENSE:
+            return F.conv3d(x, self.real_weight(), self.bias, self.stride, self.padding, self.dilation)
+        weight, bias = self.fast_weight(), self.fast_bias()
+        products = F.conv3d(_fast_inputs(x), weight, bias, self.stride, self.padding, self.dilation, _FAST_GROUPS)
+        return _fast_outputs(products)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, bias={self.bias is not None}, init={self.init!r}"
+            f"padding={self.padding}, bias={self.bias is not None}, init={self.init!r}, product={self.product!r}"
         )
 
 
@@ -264,11 +487,14 @@ class QuaternionConvTranspose3d(_QuaternionConvBase):
         dilation: kernel dilation.
         bias: add a learnable real bias per output channel.
         init: ``"he"`` or ``"glorot"``.
+        product: ``"dense"``, ``"fast"`` or ``"auto"``, as :class:`QuaternionConv3d`.
 
     Shapes:
         input ``(B, in_channels, X, Y, Z)`` -> output ``(B, out_channels, X', Y', Z')`` with
         ``X' = (X - 1) stride - 2 padding + dilation (kernel - 1) + output_padding + 1``.
     """
+
+    transposed = True
 
     def __init__(
         self,
@@ -281,10 +507,11 @@ class QuaternionConvTranspose3d(_QuaternionConvBase):
         dilation: int | Sequence[int] = 1,
         bias: bool = True,
         init: str = "he",
+        product: str = AUTO,
     ) -> None:
         q_in = check_quaternion_channels(in_channels, "in_channels")
         q_out = check_quaternion_channels(out_channels, "out_channels")
-        super().__init__(in_channels, out_channels, kernel_size, (q_in, q_out), bias, init)
+        super().__init__(in_channels, out_channels, kernel_size, (q_in, q_out), bias, init, product)
         self.stride = _triple(stride)
         self.padding = _triple(padding)
         self.output_padding = _triple(output_padding)
@@ -312,12 +539,26 @@ class QuaternionConvTranspose3d(_QuaternionConvBase):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv_transpose3d(
-            x, self.real_weight(), self.bias, self.stride, self.padding, self.output_padding, 1, self.dilation
+        if self.resolved_product(x.device) == DENSE:
+            return F.conv_transpose3d(
+                x, self.real_weight(), self.bias, self.stride, self.padding, self.output_padding, 1, self.dilation
+            )
+        # the grouped weight is (8 q_in, q_out, ...): each group's (in, out) block is a plain sub-kernel
+        # combination, so no transposition is involved and the product stays W ⊗ x
+        products = F.conv_transpose3d(
+            _fast_inputs(x),
+            self.fast_weight(),
+            self.fast_bias(),
+            self.stride,
+            self.padding,
+            self.output_padding,
+            _FAST_GROUPS,
+            self.dilation,
         )
+        return _fast_outputs(products)
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, bias={self.bias is not None}, init={self.init!r}"
+            f"padding={self.padding}, bias={self.bias is not None}, init={self.init!r}, product={self.product!r}"
         )
