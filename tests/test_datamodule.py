@@ -107,18 +107,37 @@ def test_patches_centred_on_the_requested_label(roots):
             assert batch[modality]["label"][0, 0][centre] == 2
 
 
-def test_folds_written_and_used(roots):
-    dm = _module(roots, fold=2)
+def test_folds_written_and_used_under_the_paper_reading(roots):
+    dm = _module(roots, fold=2, protocol="heldout")
     for modality in ("ct", "mri"):
         splits = json.loads((roots / "cache" / modality / "splits.json").read_text())
         assert len(splits) == 5
         assert [e["id"] for e in dm.val_entries[modality]] == splits[2]["val"]
+        assert [e["id"] for e in dm.test_entries[modality]] == splits[2]["val"]
         assert sorted(e["id"] for e in dm.train_entries[modality]) == sorted(splits[2]["train"])
         assert len(splits[2]["val"]) == 1
 
 
+def test_inner_protocol_selects_on_training_cases_and_leaves_the_test_fold_alone(roots):
+    dm = _module(roots, fold=2)
+    for modality in ("ct", "mri"):
+        splits = json.loads((roots / "cache" / modality / "splits.json").read_text())
+        test = set(splits[2]["val"])
+        inner = set(splits[2]["inner_val"])
+        train = {e["id"] for e in dm.train_entries[modality]}
+        val = {e["id"] for e in dm.val_entries[modality]}
+        assert {e["id"] for e in dm.test_entries[modality]} == test
+        assert val == inner and inner <= set(splits[2]["train"]) and len(inner) == 1
+        assert not (train | val) & test and not train & val
+        assert train | val == set(splits[2]["train"])
+        # fixed in the file: a second module reads the same inner set
+        assert {e["id"] for e in _module(roots, fold=2).val_entries[modality]} == inner
+    with pytest.raises(ValueError, match="protocol 'both'"):
+        _module(roots, protocol="both")
+
+
 def test_validation_volumes_ct_first_then_mri(roots):
-    dm = _module(roots, fold=1)
+    dm = _module(roots, fold=1, protocol="heldout")
     items = list(dm.val_dataloader())
     assert [i["modality"] for i in items] == [["ct"], ["mri"]]
     assert [i["id"][0] for i in items] == [dm.val_entries["ct"][0]["id"], dm.val_entries["mri"][0]["id"]]
@@ -151,7 +170,7 @@ def test_ranks_see_different_subjects_and_volumes(roots, monkeypatch):
     seen = {}
     for rank in (0, 1):
         monkeypatch.setattr(datamodule, "_distributed", lambda rank=rank: (rank, 2))
-        dm = _module(roots)
+        dm = _module(roots, protocol="heldout")
         ids = {b["ct"]["id"][0] for b in _batches(dm.train_dataloader(), 8)}
         seen[rank] = ids
         all_val = [e["id"] for m in ("ct", "mri") for e in dm.val_entries[m]]
@@ -199,7 +218,8 @@ def test_lightning_trainer_consumes_the_unpaired_batches(roots, tmp_path):
         enable_model_summary=False,
     )
     trainer.fit(probe, datamodule=dm)
-    assert len(probe.shapes) == 2 * 4 * 2  # two epochs of 4 training subjects x 2 patches per volume
+    # two epochs of 3 training subjects (4 less the inner validation case) x 2 patches per volume
+    assert len(probe.shapes) == 2 * 3 * 2
     assert all(s == {"ct": (1, 1, *PATCH), "mri": (1, 1, *PATCH)} for s in probe.shapes)
     # inference rebuilds the preprocessing from the checkpoint alone
     trainer.save_checkpoint(tmp_path / "probe.ckpt")

@@ -115,3 +115,65 @@ def test_compiled_network_gives_the_eager_outputs_and_keeps_its_keys():
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(module.network.forward_single(mri, "mri"), eager.forward_single(mri, "mri"))
     assert list(module.network.state_dict()) == list(eager.state_dict())
+
+
+def test_the_test_fold_never_reaches_fit_and_the_summary_names_the_protocol(
+    tiny_phantoms, tmp_path, monkeypatch
+):
+    import json
+
+    seen = {"train": set(), "val": set()}
+    real_train, real_val = SegmentationModule.training_step, SegmentationModule.validation_step
+
+    def training_step(self, batch, batch_idx):
+        seen["train"] |= {i for m in batch for i in batch[m]["id"]}
+        return real_train(self, batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        seen["val"] |= set(batch["id"])
+        return real_val(self, batch, batch_idx)
+
+    monkeypatch.setattr(SegmentationModule, "training_step", training_step)
+    monkeypatch.setattr(SegmentationModule, "validation_step", validation_step)
+    root = tmp_path / "run"
+    cache = tmp_path / "cache"
+    args = [*tiny_fit_args(tiny_phantoms, root), "--data.cache_dir", str(cache),
+            "--trainer.limit_train_batches", "6"]
+    assert main(["fit", *args]) == 0
+    test_fold, inner = set(), set()
+    for modality in ("ct", "mri"):
+        fold = json.loads((cache / modality / "splits.json").read_text())[0]
+        test_fold |= set(fold["val"])
+        inner |= set(fold["inner_val"])
+    assert seen["train"] and seen["val"] == inner
+    assert not (seen["train"] | seen["val"]) & test_fold
+    assert main(["test", *args, "--ckpt_path", str(root / "checkpoints" / "last.ckpt")]) == 0
+    summary = json.loads((root / "test" / "summary.json").read_text())
+    assert summary["source"]["protocol"] == "inner" and summary["source"]["inner_folds"] == 5
+    assert {row["case"] for row in _csv_rows(root / "test" / "metrics.csv")} == test_fold
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_pooled_dice_sums_over_volumes_before_dividing():
+    from aqcf.models.segmentation import PooledDice
+
+    metric = PooledDice(num_classes=2)
+    pred = torch.zeros(1, 2, 4, 4, 4, dtype=torch.bool)
+    ref = torch.zeros_like(pred)
+    pred[0, 0, :2] = True  # 32 voxels, 16 of them in the reference
+    ref[0, 0, 1:3] = True  # 32 voxels
+    metric.update(pred, ref)
+    pred2 = torch.zeros_like(pred)
+    pred2[0, 1, 0, 0, 0] = True  # one false-positive tumor voxel in a tumor-free case
+    metric.update(pred2, torch.zeros_like(pred))
+    liver, tumor = metric.compute().tolist()
+    assert liver == pytest.approx(2 * 16 / (32 + 32))
+    assert tumor == 0.0  # pooled: the false positive counts, 0 / (1 + 0)
+    metric.reset()
+    assert torch.isnan(metric.compute()).all()

@@ -82,3 +82,25 @@ def test_splits_file_for_another_cohort_is_a_clear_error(tmp_path):
     path.write_text(json.dumps([{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["b"]}]))
     with pytest.raises(AqcfError, match="'b' is in both train and val of fold 1"):
         load_or_create_splits(path, ["a", "b"], [True, False], n_folds=2)
+
+
+def test_inner_validation_is_a_stratified_part_of_each_training_fold(tmp_path):
+    ids = [f"c{i}" for i in range(20)]
+    tumor = [i % 2 == 0 for i in range(20)]
+    flags = dict(zip(ids, tumor, strict=True))
+    path = tmp_path / "splits.json"
+    plain = load_or_create_splits(path, ids, tumor, n_folds=5)
+    assert all("inner_val" not in f for f in json.loads(path.read_text()))
+    folds = load_or_create_splits(path, ids, tumor, n_folds=5, inner_folds=4)
+    stored = json.loads(path.read_text())
+    for fold, before, saved in zip(folds, plain, stored, strict=True):
+        assert (fold["train"], fold["val"]) == (before["train"], before["val"])  # the folds are unchanged
+        inner = fold["inner_val"]
+        assert set(inner) <= set(fold["train"]) and len(inner) == 16 // 4
+        assert sum(flags[i] for i in inner) == 2  # half the training cases have a tumor: half of these
+        assert saved["inner_val"] == inner and saved["inner_folds"] == 4
+    assert [f["inner_val"] for f in load_or_create_splits(path, ids, tumor, n_folds=5, inner_folds=4)] == [
+        f["inner_val"] for f in folds
+    ]
+    with pytest.raises(AqcfError, match="inner_folds"):
+        load_or_create_splits(path, ids, tumor, n_folds=5, inner_folds=3)

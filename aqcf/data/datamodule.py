@@ -23,7 +23,7 @@ from aqcf.data.augment import build_augmentation
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.patches import CachedPatchSampler, DrawPatches
 from aqcf.data.preprocess import Manifest, PreprocessSettings, preprocess_cohort
-from aqcf.data.splits import load_or_create_splits
+from aqcf.data.splits import PROTOCOLS, load_or_create_splits
 from aqcf.errors import AqcfError
 
 __all__ = ["UnpairedDataModule", "DEFAULT_LABEL_PROBABILITIES", "preprocess_settings_from_hparams"]
@@ -160,7 +160,13 @@ class UnpairedDataModule(L.LightningDataModule):
         ct_format: Layout of ``ct_root``: ``lits``, ``atlas``, ``nnunet`` (or a registered format).
         mri_format: Layout of ``mri_root``.
         cache_dir: Folder of the preprocessing caches (``<modality>-<format>-<key>/`` per cohort).
-        fold: Fold whose validation cases validate and test this run (0-based).
+        fold: Fold held out for testing (0-based).
+        protocol: ``"inner"`` (default): model selection and the schedule use an inner validation set
+            carved from the training folds (``inner_folds``; fixed in the splits file), so the test fold
+            is read only by ``aqcf test``. ``"heldout"``: the paper's reading, the held-out fold both
+            validates and tests.
+        inner_folds: The inner validation set is one of this many stratified parts of the training
+            cases (5: a fifth).
         n_folds: Number of folds.
         split_seed: Seed of the fold assignment (used only when the splits file is created).
         splits_dir: Folder of ``<modality>/splits.json`` (default ``cache_dir``).
@@ -197,6 +203,8 @@ class UnpairedDataModule(L.LightningDataModule):
         mri_format: str = "atlas",
         cache_dir: str = "cache",
         fold: int = 0,
+        protocol: str = "inner",
+        inner_folds: int = 5,
         n_folds: int = 5,
         split_seed: int = 0,
         splits_dir: str | None = None,
@@ -232,6 +240,8 @@ class UnpairedDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if ct_root is None and mri_root is None:
             raise AqcfError("data: set ct_root, mri_root or both")
+        if protocol not in PROTOCOLS:
+            raise AqcfError(f"data.protocol {protocol!r}: expected one of {PROTOCOLS}")
         if not 0 <= fold < n_folds:
             raise AqcfError(f"data.fold {fold}: need 0 <= fold < n_folds ({n_folds})")
         if len(patch_size) != 3 or min(patch_size) < 1:
@@ -282,6 +292,7 @@ class UnpairedDataModule(L.LightningDataModule):
             manifest.has_tumor,
             n_folds=self.hparams.n_folds,
             seed=self.hparams.split_seed,
+            inner_folds=self.hparams.inner_folds if self.hparams.protocol == "inner" else None,
         )
 
     def prepare_data(self) -> None:
@@ -302,13 +313,19 @@ class UnpairedDataModule(L.LightningDataModule):
             by_id = manifest.by_id()
             self.manifests[modality] = manifest
             self.splits[modality] = splits
-            self.train_entries[modality] = [by_id[i] for i in splits[fold]["train"]]
-            self.val_entries[modality] = [by_id[i] for i in splits[fold]["val"]]
+            held_out = [by_id[i] for i in splits[fold]["val"]]
+            if self.hparams.protocol == "inner":
+                inner = set(splits[fold]["inner_val"])
+                self.train_entries[modality] = [by_id[i] for i in splits[fold]["train"] if i not in inner]
+                self.val_entries[modality] = [by_id[i] for i in splits[fold]["inner_val"]]
+            else:
+                self.train_entries[modality] = [by_id[i] for i in splits[fold]["train"]]
+                self.val_entries[modality] = held_out
             if self.test_roots[modality] is not None:
                 test = self._manifest(modality, self.test_roots[modality], self.test_formats[modality])
                 self.test_entries[modality] = test.entries
             else:
-                self.test_entries[modality] = self.val_entries[modality]
+                self.test_entries[modality] = held_out
 
     def _queue_loader(self, modality: str, index: int) -> DataLoader:
         import torchio as tio
@@ -398,11 +415,15 @@ class UnpairedDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        """Fold ``fold``'s validation volumes, CT then MRI: ``{"image", "label", "modality", "id"}``."""
+        """The validation volumes, CT then MRI: ``{"image", "label", "modality", "id"}``.
+
+        The inner validation set under ``protocol: inner``, fold ``fold``'s held-out cases under
+        ``heldout``.
+        """
         return self._volume_loader(self.val_entries)
 
     def test_dataloader(self) -> DataLoader:
-        """Test volumes (external cohorts where given, else the fold's validation cases)."""
+        """Test volumes (external cohorts where given, else fold ``fold``'s held-out cases)."""
         return self._volume_loader(self.test_entries)
 
     def predict_dataloader(self) -> DataLoader:

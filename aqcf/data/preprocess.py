@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from aqcf.cli import ArgumentParser
 from aqcf.constants import CT, MRI, check_modality
 from aqcf.data import gate
 from aqcf.data.cohorts import (
@@ -680,7 +681,7 @@ def preprocess_cohort(
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="aqcf preprocess",
         description="Preprocess a cohort into a cache folder (reorient, crop to the body, resample, window, "
         "pad). Reuses a finished cache with the same settings and files.",
@@ -712,6 +713,13 @@ def _parser() -> argparse.ArgumentParser:
         default="checksum",
         help="how an existing cache's files are checked before reuse (default checksum: reads every file)",
     )
+    p.add_argument("--n-folds", type=int, default=5, help="cross-validation folds of the splits file (default 5)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    p.add_argument(
+        "--splits-dir",
+        help="folder of <modality>/splits.json (default --cache, where aqcf fit with data.cache_dir = --cache "
+        "reads it)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -741,4 +749,14 @@ def main(argv: list[str] | None = None) -> int:
     count = len(manifest.entries)
     skipped = f", {len(manifest.skipped)} broken cases skipped" if manifest.skipped else ""
     print(f"{manifest.folder}: {count} cases ({with_tumor} with tumor){skipped}, settings {settings.hash()}")
+    # the fold file where the data module looks for it (UnpairedDataModule._splits_path), made as it
+    # makes it; an existing one is read and checked against these cases, never redrawn
+    from aqcf.data.splits import load_or_create_splits
+
+    splits_path = Path(args.splits_dir or args.cache) / settings.modality / "splits.json"
+    if count < args.n_folds:
+        print(f"{splits_path}: not written, {count} cases cannot fill {args.n_folds} folds")
+        return 0
+    load_or_create_splits(splits_path, manifest.ids, manifest.has_tumor, n_folds=args.n_folds, seed=args.split_seed)
+    print(f"{splits_path}: {args.n_folds} folds stratified by tumor presence")
     return 0

@@ -2,8 +2,14 @@
 
 Folds are stored in nnU-Net's ``splits_final.json`` format, a list with one ``{"train": [...],
 "val": [...]}`` per fold, so the same file can be handed to nnU-Net to train a baseline on identical
-folds. Fold ``k`` validates (and tests) on its ``val`` cases and trains on the others. Each case is
-taken to be one patient (true of LiTS and ATLAS).
+folds. Fold ``k`` tests on its ``val`` cases (nnU-Net's name for the held-out fold) and trains on the
+others. Each case is taken to be one patient (true of LiTS and ATLAS).
+
+Model selection needs validation cases too. Under the default protocol they are an *inner* validation
+set carved from each fold's training cases (:func:`add_inner_validation`: fold 0 of a stratified split
+of the training cases into ``inner_folds`` parts), stored in the same file as ``"inner_val"`` with
+``"inner_folds"`` beside it; nnU-Net ignores both keys. The test fold is then read by ``aqcf test``
+alone.
 """
 
 from __future__ import annotations
@@ -17,7 +23,11 @@ import numpy as np
 from aqcf.errors import AqcfError
 from aqcf.io import write_json_atomic
 
-__all__ = ["make_splits", "load_or_create_splits", "check_splits"]
+__all__ = ["make_splits", "add_inner_validation", "load_or_create_splits", "check_splits", "PROTOCOLS"]
+
+PROTOCOLS = ("inner", "heldout")
+"""``inner``: select on an inner validation set from the training folds (the test fold stays untouched);
+``heldout``: the paper's reading, the held-out fold both selects the model and tests it."""
 
 
 def make_splits(
@@ -66,6 +76,38 @@ def make_splits(
     return [{"train": sorted(i for i in ids if i not in set(val)), "val": sorted(val)} for val in folds]
 
 
+def add_inner_validation(
+    splits: Sequence[dict], has_tumor: dict[str, bool], inner_folds: int = 5, seed: int = 0
+) -> list[dict]:
+    """Give each fold an inner validation set carved from its training cases.
+
+    Args:
+        splits: Folds ``{"train", "val"}``.
+        has_tumor: Tumor presence per case id (the stratification).
+        inner_folds: The inner set is fold 0 of a stratified split of the fold's training cases into
+            this many parts (5: a fifth of them, at least one case).
+        seed: Seed of the split (fold ``k`` uses ``seed + k``).
+
+    Returns:
+        Copies of the folds with ``"inner_val"`` (sorted ids, a subset of ``"train"``) and
+        ``"inner_folds"``.
+
+    Raises:
+        AqcfError: A fold has fewer training cases than ``inner_folds`` allows (at least 2 per part).
+    """
+    out = []
+    for k, fold in enumerate(splits):
+        train = list(fold["train"])
+        parts = min(int(inner_folds), len(train))
+        if parts < 2:
+            raise AqcfError(
+                f"splits: fold {k} has {len(train)} training cases; an inner validation set needs at least 2"
+            )
+        inner = make_splits(train, [has_tumor[i] for i in train], parts, seed + k)[0]["val"]
+        out.append({**fold, "inner_val": sorted(inner), "inner_folds": int(inner_folds)})
+    return out
+
+
 def check_splits(splits, case_ids: Sequence[str], n_folds: int, source: str | Path = "splits") -> None:
     """Check that ``splits`` are ``n_folds`` folds over exactly ``case_ids``.
 
@@ -102,24 +144,54 @@ def check_splits(splits, case_ids: Sequence[str], n_folds: int, source: str | Pa
 
 
 def load_or_create_splits(
-    path: str | Path, case_ids: Sequence[str], has_tumor: Sequence[bool], n_folds: int = 5, seed: int = 0
+    path: str | Path,
+    case_ids: Sequence[str],
+    has_tumor: Sequence[bool],
+    n_folds: int = 5,
+    seed: int = 0,
+    inner_folds: int | None = None,
 ) -> list[dict[str, list[str]]]:
     """Read the folds from ``path`` (``splits.json``), creating it with :func:`make_splits` if absent.
 
     Once written, the file is the source of truth: later runs read it (a changed ``seed`` does not
-    redraw folds), and it can be copied to nnU-Net as ``splits_final.json``.
+    redraw folds), and it can be copied to nnU-Net as ``splits_final.json``. With ``inner_folds``, each
+    fold also carries its inner validation set (:func:`add_inner_validation`); a file without them gets
+    them added (the folds unchanged) and is rewritten.
 
     Raises:
-        AqcfError: The file exists but is unreadable or does not match ``case_ids`` / ``n_folds``.
+        AqcfError: The file exists but is unreadable, does not match ``case_ids`` / ``n_folds``, or holds
+            inner validation sets made with another ``inner_folds``.
     """
     path = Path(path)
+    flags = dict(zip(map(str, case_ids), (bool(t) for t in has_tumor), strict=True))
     if path.is_file():
         try:
-            splits = json.loads(path.read_text())
+            stored = json.loads(path.read_text())
         except ValueError as err:
             raise AqcfError(f"{path}: not valid JSON ({err})") from err
-        check_splits(splits, case_ids, n_folds, path)
-        return [{"train": list(map(str, f["train"])), "val": list(map(str, f["val"]))} for f in splits]
-    splits = make_splits(case_ids, has_tumor, n_folds, seed)
+        check_splits(stored, case_ids, n_folds, path)
+        splits = [
+            {"train": list(map(str, f["train"])), "val": list(map(str, f["val"]))}
+            | ({"inner_val": list(map(str, f["inner_val"])), "inner_folds": f.get("inner_folds")}
+               if "inner_val" in f else {})
+            for f in stored
+        ]
+    else:
+        splits = make_splits(case_ids, has_tumor, n_folds, seed)
+        write_json_atomic(path, splits, indent=1)
+    if inner_folds is None:
+        return splits
+    if all("inner_val" in f for f in splits):
+        recorded = {f.get("inner_folds") for f in splits}
+        if recorded != {int(inner_folds)}:
+            raise AqcfError(
+                f"{path}: inner validation sets made with inner_folds {sorted(map(str, recorded))}, not "
+                f"{inner_folds}; delete the file's inner_val entries, or set data.inner_folds to match"
+            )
+        for k, f in enumerate(splits):
+            if not set(f["inner_val"]) <= set(f["train"]):
+                raise AqcfError(f"{path}: fold {k}'s inner_val holds cases outside its train list")
+        return splits
+    splits = add_inner_validation([{"train": f["train"], "val": f["val"]} for f in splits], flags, inner_folds, seed)
     write_json_atomic(path, splits, indent=1)
     return splits

@@ -24,12 +24,12 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
-from torchmetrics.segmentation import DiceScore
+from torchmetrics import Metric
 
 from aqcf.constants import IMAGE, LABEL, MODALITIES, check_modality
 from aqcf.errors import AqcfError
 
-__all__ = ["SegmentationModule", "class_masks", "MONITOR"]
+__all__ = ["SegmentationModule", "PooledDice", "class_masks", "MONITOR"]
 
 #: the value checkpoints and the plateau schedule follow: mean validation Dice over CT/MRI x liver/tumor
 MONITOR = "val/dice_mean"
@@ -79,8 +79,8 @@ class SegmentationModule(L.LightningModule):
         sw_overlap: sliding-window overlap of ``aqcf test`` and ``aqcf predict`` (the paper uses 0.8).
         val_overlap: sliding-window overlap of the validation inside ``fit`` (``None``: ``sw_overlap``).
             It only picks the checkpoint and drives the schedule, so it may be cheaper than the test's:
-            at 0.5 a 256×256×16 window steps by half a window instead of a fifth, about 6–16 times fewer
-            windows per volume (docs/training.md has the measurement).
+            with 256×256×16 windows, 0.5 needs 2.6–5.3 times fewer windows than 0.8 on LiTS-sized
+            volumes (docs/training.md has the counts and the measured effect on the Dice).
         sw_batch_size: windows per forward pass in sliding-window inference.
         sw_mode: blending of overlapping windows ("gaussian" or "constant").
         stitch_on_cpu: keep the stitched whole-volume logits on the CPU so large volumes fit in GPU memory.
@@ -131,6 +131,7 @@ class SegmentationModule(L.LightningModule):
         self.compile_options = {"mode": compile_mode, "backend": compile_backend} if compile else None
         self.check_finite = bool(check_finite)
         self._batch_ids: dict[str, list[str]] = {}
+        self._trained_data: dict[str, Any] = {}
         self.sw_batch_size = int(sw_batch_size)
         self.sw_mode = sw_mode
         self.stitch_on_cpu = bool(stitch_on_cpu)
@@ -138,8 +139,8 @@ class SegmentationModule(L.LightningModule):
         self.test_overlays = int(test_overlays)
         self._overlays_drawn: dict[str, int] = {}
         self.modalities = tuple(getattr(network, "modalities", MODALITIES))
-        self.val_dice = nn.ModuleDict({m: _pooled_dice() for m in self.modalities})
-        self.test_dice = nn.ModuleDict({m: _pooled_dice() for m in self.modalities})
+        self.val_dice = nn.ModuleDict({m: PooledDice() for m in self.modalities})
+        self.test_dice = nn.ModuleDict({m: PooledDice() for m in self.modalities})
         self._test_rows: list[dict] = []
         #: first validation case per modality as numpy arrays (image, label, prediction), for overlays
         self.overlay_cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -223,7 +224,7 @@ class SegmentationModule(L.LightningModule):
         self.log(f"{stage}/loss", loss, batch_size=1, sync_dist=True)
         prediction = logits.argmax(dim=1, keepdim=True)
         metric = (self.val_dice if stage == "val" else self.test_dice)[modality]
-        metric.update(class_masks(prediction).long(), class_masks(label).long())
+        metric.update(class_masks(prediction), class_masks(label))
         return modality, prediction, label
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -243,8 +244,14 @@ class SegmentationModule(L.LightningModule):
 
     def _log_dice(self, stage: str, metrics: nn.ModuleDict) -> dict[str, float]:
         values = {}
-        for modality, metric in metrics.items():
-            if metric.update_count == 0:  # no volume of this modality (sanity check, limit_val_batches)
+        # Summed over ranks: a rank whose shard holds no volume of a modality must still join that
+        # metric's reduction, or the ranks' collectives would pair up across modalities.
+        counts = torch.tensor([float(m.update_count) for m in metrics.values()], device=self.device)
+        if self._trainer is not None:
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        for (modality, metric), count in zip(metrics.items(), counts.tolist(), strict=True):
+            if count == 0:  # no volume of this modality on any rank (sanity check, limit_val_batches)
+                metric.reset()
                 continue
             dice = metric.compute().float()
             metric.reset()
@@ -300,7 +307,24 @@ class SegmentationModule(L.LightningModule):
             torch.distributed.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
         if self.trainer.is_global_zero and rows:
-            write_results(rows, self._test_dir(), overwrite=True, info={"checkpoint": self.trainer.ckpt_path})
+            write_results(rows, self._test_dir(), overwrite=True, info=self._test_info())
+
+    def _test_info(self) -> dict:
+        """What produced these results: the checkpoint and the validation protocol that selected it."""
+        info = {"checkpoint": self.trainer.ckpt_path}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        # the checkpoint's own data settings when it has them (they selected it), else this run's
+        hparams = self._trained_data or dict(getattr(datamodule, "hparams", {}) or {})
+        if hparams:
+            # checkpoints written before the option existed validated on the held-out fold
+            info["protocol"] = hparams.get("protocol", "heldout")
+            info["fold"] = hparams.get("fold")
+            if info["protocol"] == "inner":
+                info["inner_folds"] = hparams.get("inner_folds")
+        return info
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._trained_data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
 
     # ------------------------------------------------------------------------------------------ predict
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
@@ -336,16 +360,35 @@ class SegmentationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": config}
 
 
-def _pooled_dice() -> DiceScore:
-    # Dice pooled over all volumes (sum of intersections over sum of sizes) per class: a tumor-free case
-    # then counts through its false positives instead of adding a 0-or-1 term to a per-case mean.
-    return DiceScore(
-        num_classes=len(CLASSES),
-        include_background=True,
-        average="none",
-        aggregation_level="global",
-        input_format="one-hot",
-    )
+class PooledDice(Metric):
+    """Dice per class pooled over every volume seen: ``2 Σ|P∩R| / (Σ|P| + Σ|R|)``, over all ranks.
+
+    A tumor-free case then counts through its false positives instead of adding a 0-or-1 term to a
+    per-case mean. The three states are sums (``dist_reduce_fx="sum"``), so a rank that saw no volume
+    of this modality joins the reduction with zeros: with few validation cases and many GPUs, some ranks
+    get none. A class absent from every prediction and reference gives NaN.
+
+    Args:
+        num_classes: Channels of the boolean masks given to :meth:`update`.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int = len(CLASSES)) -> None:
+        super().__init__()
+        for name in ("intersection", "predicted", "reference"):
+            self.add_state(name, default=torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, prediction: Tensor, reference: Tensor) -> None:
+        """Add one batch of masks (B, num_classes, X, Y, Z) (booleans or 0/1)."""
+        dims = [0, *range(2, prediction.ndim)]
+        prediction, reference = prediction.bool(), reference.bool()
+        self.intersection += (prediction & reference).sum(dims).double()
+        self.predicted += prediction.sum(dims).double()
+        self.reference += reference.sum(dims).double()
+
+    def compute(self) -> Tensor:
+        return 2 * self.intersection / (self.predicted + self.reference)
 
 
 def _batch_dice(logits: Tensor, label: Tensor) -> Tensor:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from aqcf.cli import ArgumentParser
 from aqcf.networks.aqcfnet import (
     BOTTLENECKS,
     PAPER_PARAMETERS,
@@ -73,7 +74,7 @@ def format_table(rows: Sequence[tuple[str, int, int]], title: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="aqcf summary", description=__doc__)
+    parser = ArgumentParser(prog="aqcf summary", description=__doc__)
     parser.add_argument(
         "--widths",
         type=int,
