@@ -6,7 +6,10 @@ models of this package. nnU-Net reads its folds from ``nnUNet_preprocessed/Datas
 ``<cache_dir>/<modality>/splits.json``; what has to agree is the case identifiers. This verb writes
 the raw data set with aqcf's case ids as nnU-Net's identifiers (``imagesTr/<id>_0000<ending>``,
 ``labelsTr/<id><ending>``, links to the original files by default), its ``dataset.json``, and the fold
-file checked against those ids. nnU-Net trains one modality per data set: export CT and MRI separately.
+file checked against those ids: the one given (``--splits``, e.g. the cache's ``splits.json``), or else
+the folds ``aqcf fit`` makes for this cohort (:func:`aqcf.data.splits.make_splits`, stratified by tumor
+presence, with the same ``n_folds`` and ``split_seed``). nnU-Net trains one modality per data set:
+export CT and MRI separately.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from aqcf.constants import CT, MRI, check_modality
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.gate import CaseErrors, check_cases
-from aqcf.data.splits import check_splits
+from aqcf.data.splits import check_splits, make_splits
 from aqcf.errors import AqcfError
 from aqcf.io import check_output, write_text_atomic
 
@@ -45,6 +50,13 @@ def _ending(path: Path) -> str:
     return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
 
 
+def _has_tumor(label: str | Path) -> bool:
+    """Whether a label map holds tumor (label 2): the stratification of the folds, as in the cache manifest."""
+    import nibabel as nib
+
+    return bool((np.asanyarray(nib.load(str(label)).dataobj) == 2).any())
+
+
 def _place(source: Path, target: Path, copy: bool) -> None:
     if target.is_symlink() or target.exists():
         target.unlink()
@@ -63,6 +75,8 @@ def export_nnunet(
     name: str,
     splits: str | Path | None = None,
     copy: bool = False,
+    n_folds: int = 5,
+    split_seed: int = 0,
 ) -> Path:
     """Write a cohort as the nnU-Net v2 raw data set ``out_dir/DatasetXXX_NAME``.
 
@@ -75,7 +89,12 @@ def export_nnunet(
         name: data set name (no spaces), e.g. ``LiTS``.
         splits: aqcf's fold file for this cohort (``<cache_dir>/<modality>/splits.json``, written by the
             first ``aqcf fit``); copied as ``splits_final.json`` after checking it names exactly these cases.
+            ``None``: the folds are made as ``aqcf fit`` makes them, stratified by tumor presence (a label
+            voxel of value 2), so they equal the ``splits.json`` a fit with the same ``n_folds`` and
+            ``split_seed`` writes for this cohort.
         copy: copy the image and label files instead of linking to them.
+        n_folds: folds made when ``splits`` is ``None`` (``data.n_folds``).
+        split_seed: seed of those folds (``data.split_seed``).
 
     Returns:
         The data set folder.
@@ -111,6 +130,8 @@ def export_nnunet(
         check_splits(fold_file, [c.id for c in cases], len(fold_file) if isinstance(fold_file, list) else 0, splits)
     # last of the checks (it reads every file); nnU-Net would find a broken case only when it plans
     CaseErrors.raise_if_any(check_cases(cases), total=len(cases))
+    if fold_file is None:
+        fold_file = make_splits([c.id for c in cases], [_has_tumor(c.label) for c in cases], n_folds, split_seed)
 
     images, labels = dataset / "imagesTr", dataset / "labelsTr"
     images.mkdir(parents=True, exist_ok=True)
@@ -127,8 +148,7 @@ def export_nnunet(
         "file_ending": ending,
     }
     write_text_atomic(dataset / "dataset.json", json.dumps(description, indent=2) + "\n")
-    if fold_file is not None:
-        write_text_atomic(dataset / SPLITS_NAME, json.dumps(fold_file, indent=1) + "\n")
+    write_text_atomic(dataset / SPLITS_NAME, json.dumps(fold_file, indent=1) + "\n")
     return dataset
 
 
@@ -148,16 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", required=True, help="data set name, e.g. LiTS (no spaces)")
     parser.add_argument("--out", type=Path, required=True, help="nnU-Net's raw folder ($nnUNet_raw)")
     parser.add_argument("--splits", type=Path, default=None,
-                        help="aqcf's fold file, <cache_dir>/<modality>/splits.json (written by the first aqcf fit)")
+                        help="aqcf's fold file, <cache_dir>/<modality>/splits.json (written by the first aqcf fit "
+                        "or aqcf preprocess); default: make the folds as aqcf fit does (stratified by tumor presence)")
+    parser.add_argument("--n-folds", type=int, default=None,
+                        help="folds made without --splits (default 5, as data.n_folds)")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="seed of the folds made without --splits (default 0, as data.split_seed)")
     parser.add_argument("--copy", action="store_true", help="copy the files instead of linking to them")
     parser.add_argument("--overwrite", action="store_true", help="write into an existing DatasetXXX_NAME folder")
     args = parser.parse_args(argv)
     check_output(dataset_folder(args.out, args.dataset_id, args.name), inputs=[args.root, args.splits],
                  overwrite=args.overwrite, kind="folder")
+    if args.splits is not None and (args.n_folds, args.split_seed) != (None, None):
+        parser.error("--n-folds and --split-seed make folds; with --splits the file's folds are used")
+    n_folds = 5 if args.n_folds is None else args.n_folds
+    seed = 0 if args.split_seed is None else args.split_seed
     dataset = export_nnunet(args.root, args.format, args.modality, args.out, args.dataset_id, args.name,
-                            args.splits, args.copy)
-    print(f"wrote {dataset} (imagesTr/, labelsTr/, dataset.json{', ' + SPLITS_NAME if args.splits else ''})")
-    if args.splits:
-        target = os.path.join("$nnUNet_preprocessed", dataset.name, SPLITS_NAME)
-        print(f"after `nnUNetv2_plan_and_preprocess -d {args.dataset_id}`: cp {dataset / SPLITS_NAME} {target}")
+                            args.splits, args.copy, n_folds, seed)
+    made = "" if args.splits else f" ({n_folds} folds stratified by tumor presence, seed {seed})"
+    print(f"wrote {dataset} (imagesTr/, labelsTr/, dataset.json, {SPLITS_NAME}{made})")
+    target = os.path.join("$nnUNet_preprocessed", dataset.name, SPLITS_NAME)
+    print(f"after `nnUNetv2_plan_and_preprocess -d {args.dataset_id}`: cp {dataset / SPLITS_NAME} {target}")
     return 0

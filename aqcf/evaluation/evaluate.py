@@ -6,7 +6,8 @@ Folders in, a per-case table and a summary out (as nnU-Net's evaluation does):
   :data:`aqcf.evaluation.metrics.ROW_FIELDS` (``case, modality, class, dice, hd95, msd, pred_voxels,
   ref_voxels, intersection``; distances in mm, ``nan`` where undefined);
 * ``summary.json``: :func:`aqcf.evaluation.metrics.summarise` of those rows (per modality and class:
-  mean, SD, median, n of each metric, pooled Dice), plus where the inputs came from.
+  mean, SD, median, n of each metric, pooled Dice), plus where the inputs came from, and at its top
+  level nnU-Net v2's ``metric_per_case`` / ``mean`` / ``foreground_mean`` (:func:`nnunet_summary`).
 
 Case ids: a NIfTI file's id is its name without ``.nii.gz`` / ``.nii``. A prediction belongs to a
 reference when its id equals the reference case's id, the id of the case's image file (with an nnU-Net
@@ -40,6 +41,7 @@ from aqcf.constants import check_modality
 from aqcf.data.gate import AFFINE_TOLERANCE_MM, Volume, load_label
 from aqcf.errors import AqcfError
 from aqcf.evaluation.metrics import (
+    CLASS_LABELS,
     EMPTY_DISTANCE_RULES,
     ROW_FIELDS,
     evaluate_case,
@@ -59,6 +61,9 @@ __all__ = [
     "evaluate_pair",
     "evaluate_folder",
     "write_results",
+    "NNUNET_METRICS",
+    "nnunet_region_key",
+    "nnunet_summary",
     "format_summary",
     "write_text_atomic",
     "write_bytes_atomic",
@@ -68,6 +73,8 @@ __all__ = [
 REF_FORMATS = ("plain", "lits", "atlas", "nnunet", "ircadb", "liverhccseg")
 METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
+#: the per-case metrics of nnU-Net v2's summary.json (``nnunetv2/evaluation/evaluate_predictions.py``)
+NNUNET_METRICS = ("Dice", "IoU", "FN", "FP", "TN", "TP", "n_pred", "n_ref")
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net's image channel suffix, e.g. CASE_0000
 
@@ -257,16 +264,93 @@ def _check_writable(out_dir: Path, overwrite: bool) -> None:
         raise AqcfError(f"{existing[0]}: results exist already (use --overwrite to replace them)")
 
 
+def nnunet_region_key(labels: Sequence[int]) -> str:
+    """nnU-Net v2's summary key of a region: ``"2"`` for one label, ``"(1, 2)"`` for several.
+
+    nnU-Net writes ``str(label_or_region)`` and reads it back with ``key_to_label_or_region``; a region
+    based data set with ``"liver": [1, 2], "tumor": 2`` in its ``dataset.json`` has exactly these keys.
+    """
+    labels = tuple(int(v) for v in labels)
+    return str(labels[0]) if len(labels) == 1 else str(labels)
+
+
+def _mean(values: Iterable) -> float | None:
+    """nnU-Net's ``np.nanmean`` with undefined values as ``None`` (``null``) instead of NaN."""
+    finite = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    return float(np.mean(finite)) if finite else None
+
+
+def nnunet_summary(rows: Sequence[Mapping], files: Mapping[str, Mapping] | None = None) -> dict:
+    """The per-case rows in the structure of nnU-Net v2's ``summary.json`` (``nnUNetv2_evaluate_folder``).
+
+    Per case and region (liver = labels {1, 2} under key ``"(1, 2)"``, tumor = label 2 under ``"2"``):
+    ``Dice``, ``IoU``, ``TP``, ``FP``, ``FN``, ``TN``, ``n_pred``, ``n_ref``, computed as nnU-Net does from
+    the voxel counts: Dice = 2 TP / (2 TP + FP + FN), undefined when prediction and reference are both
+    empty. nnU-Net writes that case's Dice and IoU as NaN and leaves it out of its mean (``np.nanmean``);
+    here it is ``null`` (strict JSON) and left out the same way, while aqcf's own tables score it 1.
+
+    Args:
+        rows: per-case rows from :func:`aqcf.evaluation.metrics.evaluate_case`.
+        files: case id -> ``{"prediction_file", "reference_file", "voxels"}`` where known (``aqcf
+            evaluate``); without it the file names and ``TN`` (which needs the number of voxels) are ``null``.
+
+    Returns:
+        ``{"metric_per_case": [...], "mean": {region: {metric: value}}, "foreground_mean": {metric: value}}``;
+        each case entry also carries ``case`` and ``modality``, which nnU-Net's readers ignore.
+    """
+    files = files or {}
+    regions = {name: nnunet_region_key(labels) for name, labels in CLASS_LABELS.items()}
+    cases: dict[tuple[str, str], dict] = {}
+    for row in rows:
+        key = (str(row["modality"]), str(row["case"]))
+        known = files.get(key[1], {})
+        entry = cases.setdefault(key, {
+            "case": key[1], "modality": key[0], "metrics": {},
+            "prediction_file": known.get("prediction_file"), "reference_file": known.get("reference_file"),
+        })
+        tp = int(row["intersection"])
+        fp, fn = int(row["pred_voxels"]) - tp, int(row["ref_voxels"]) - tp
+        voxels = known.get("voxels")
+        entry["metrics"][regions[row["class"]]] = {
+            "Dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+            "IoU": tp / (tp + fp + fn) if tp + fp + fn else None,
+            "FN": fn, "FP": fp, "TN": int(voxels) - tp - fp - fn if voxels is not None else None, "TP": tp,
+            "n_pred": tp + fp, "n_ref": tp + fn,
+        }
+    per_case = list(cases.values())
+    used = [key for key in regions.values() if any(key in c["metrics"] for c in per_case)]
+    mean = {
+        key: {m: _mean(c["metrics"][key][m] for c in per_case if key in c["metrics"]) for m in NNUNET_METRICS}
+        for key in used
+    }
+    # nnU-Net averages the regions' means with np.mean: one undefined region mean makes it undefined
+    foreground = {
+        m: None if not used or any(mean[k][m] is None for k in used) else float(np.mean([mean[k][m] for k in used]))
+        for m in NNUNET_METRICS
+    }
+    return {"metric_per_case": per_case, "mean": mean, "foreground_mean": foreground}
+
+
 def write_results(
-    rows: Sequence[Mapping], out_dir: str | Path, *, overwrite: bool = False, info: Mapping | None = None
+    rows: Sequence[Mapping],
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    info: Mapping | None = None,
+    files: Mapping[str, Mapping] | None = None,
 ) -> dict:
     """Write ``metrics.csv`` and ``summary.json`` (atomically) and return the summary.
+
+    ``summary.json`` holds aqcf's tables (:func:`aqcf.evaluation.metrics.summarise`) and, at its top
+    level beside them, nnU-Net v2's ``metric_per_case``, ``mean`` and ``foreground_mean``
+    (:func:`nnunet_summary`), so tools written for nnU-Net's ``summary.json`` read it too.
 
     Args:
         rows: per-case rows from :func:`aqcf.evaluation.metrics.evaluate_case`.
         out_dir: output folder (created).
         overwrite: replace existing results; otherwise existing ones raise :class:`AqcfError`.
         info: extra fields stored under ``"source"`` in the summary (where the inputs came from).
+        files: case id -> ``{"prediction_file", "reference_file", "voxels"}`` for the nnU-Net part.
 
     Returns:
         The summary as written (NaN values written as ``null``).
@@ -277,6 +361,7 @@ def write_results(
     summary = summarise(rows)
     if info:
         summary["source"] = dict(info)
+    summary.update(nnunet_summary(rows, files))
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / METRICS_FILE, _csv_text(rows))
     write_text_atomic(out / SUMMARY_FILE, json.dumps(summary, indent=2, allow_nan=False) + "\n")
@@ -322,15 +407,20 @@ def evaluate_folder(
         raise AqcfError(f"{ref}: plain reference folders need --modality ct or --modality mri")
     _check_writable(Path(out_dir), overwrite)
     pairs = match_predictions(pred_dir, read_references(ref, ref_format, reader_options, modality))
-    rows = []
+    import nibabel as nib
+
+    rows, files = [], {}
     bar = tqdm(pairs, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)
     for reference, pred_path in bar:
         rows += evaluate_pair(pred_path, reference.label, case=reference.id,
                               modality=modality or check_modality(reference.modality),
                               empty_distance=empty_distance)
+        # the header alone gives the voxel count (nnU-Net's TN); the gate has read the file already
+        files[reference.id] = {"prediction_file": str(pred_path), "reference_file": str(reference.label),
+                               "voxels": math.prod(nib.load(reference.label).shape[:3])}
     info = {"pred": str(pred_dir), "ref": str(ref), "ref_format": ref_format,
             "empty_distance": empty_distance}
-    return write_results(rows, out_dir, overwrite=overwrite, info=info)
+    return write_results(rows, out_dir, overwrite=overwrite, info=info, files=files)
 
 
 def format_summary(summary: Mapping) -> str:
