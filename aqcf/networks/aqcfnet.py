@@ -7,6 +7,10 @@ weights applied to each stream separately), and a decoder of transposed-QConv up
 attention-gated skips, ending in a 1×1×1 real conv to ``num_classes`` logits.
 
 Widths count quaternion channels (a tensor with width ``w`` has ``4w`` real channels).
+
+The paper leaves the convolutions per stage, the kernel of ``QConv_out`` and whether the two A-QCF
+directions share weights open; :data:`READINGS` names the readings of section 3.2.3 next to the
+default (``"current"``), see docs/model.md §6.
 """
 
 from __future__ import annotations
@@ -27,7 +31,14 @@ from aqcf.nn.blocks import (
     check_algebra,
     make_conv_transpose,
 )
-from aqcf.nn.fusion import ADAPTIVE, DEFAULT_GATE_REDUCTION, AQCFBlock, check_gate
+from aqcf.nn.fusion import (
+    ADAPTIVE,
+    DEFAULT_GATE_REDUCTION,
+    SEPARATE_WEIGHTS,
+    SHARED_WEIGHTS,
+    AQCFBlock,
+    check_gate,
+)
 from aqcf.nn.quaternion import AUTO, QUATERNION_COMPONENTS, quaternion_cat, set_quaternion_product
 
 __all__ = [
@@ -36,6 +47,11 @@ __all__ = [
     "SHARED",
     "SEPARATE",
     "BOTTLENECKS",
+    "ZERO_FILLED",
+    "CONTEXT_OFF",
+    "ABSENT_CONTEXTS",
+    "READINGS",
+    "DEFAULT_READING",
     "AQCFNet",
     "EncoderStage",
     "DecoderStage",
@@ -48,6 +64,19 @@ PAPER_PARAMETERS = 31.5e6  # section 4.1.4
 SHARED = "shared"
 SEPARATE = "separate"
 BOTTLENECKS = (SHARED, SEPARATE)
+ZERO_FILLED = "zero-filled"  # eq. 17: the absent stream runs on zeros, every gate as trained
+CONTEXT_OFF = "off"  # eq. 10 at every stage: λ = 0 for the context from the absent stream
+ABSENT_CONTEXTS = (ZERO_FILLED, CONTEXT_OFF)
+DEFAULT_READING = "current"
+# Readings of section 3.2.3 (widths 12..256, four stages, A-QCF after each): the AQCFNet arguments
+# that differ from the default. Counts at paper widths in docs/model.md §6.
+READINGS: dict[str, dict[str, object]] = {
+    DEFAULT_READING: {},
+    # Algorithm 1 as written: one QConv_q/k/v, gate MLP and QConv_out called for both directions
+    "paper-shared": {"fusion_weights": SHARED_WEIGHTS, "encoder_convs": 1, "decoder_convs": 2, "bottleneck_convs": 1},
+    # a 1x1x1 QConv_out, separate weights per direction
+    "paper-out1": {"fusion_out_kernel": 1, "encoder_convs": 2, "decoder_convs": 1, "bottleneck_convs": 1},
+}
 _KERNEL = 3
 _SCALE = 2  # each encoder stage halves, each decoder stage doubles every axis
 _SPATIAL_NDIM = 3
@@ -58,21 +87,29 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def _check_convs(name: str, value: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise AqcfError(f"{name}={value!r}: expected a positive integer")
+    return value
+
+
 class EncoderStage(nn.Sequential):
-    """A strided 3×3×3 conv block halving every axis, then a 3×3×3 conv block.
+    """A strided 3×3×3 conv block halving every axis, then ``convs - 1`` 3×3×3 conv blocks.
 
     Shapes: ``(B, in_channels, X, Y, Z)`` -> ``(B, out_channels, X/2, Y/2, Z/2)``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, algebra: str, negative_slope: float) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, algebra: str, negative_slope: float, convs: int = 2
+    ) -> None:
         super().__init__(
             ConvNormAct(in_channels, out_channels, _KERNEL, _SCALE, algebra, negative_slope),
-            ConvNormAct(out_channels, out_channels, _KERNEL, 1, algebra, negative_slope),
+            *(ConvNormAct(out_channels, out_channels, _KERNEL, 1, algebra, negative_slope) for _ in range(convs - 1)),
         )
 
 
 class DecoderStage(nn.Module):
-    """Upsample ×2 with a transposed conv, gate the skip, concatenate, two 3×3×3 conv blocks.
+    """Upsample ×2 with a transposed conv, gate the skip, concatenate, ``convs`` 3×3×3 conv blocks.
 
     Args:
         deep_channels: real channels of the coarser input.
@@ -80,6 +117,7 @@ class DecoderStage(nn.Module):
         algebra: ``"quaternion"`` or ``"real"``.
         attention_gate: filter the skip with a :class:`QuaternionAttentionGate`.
         negative_slope: LeakyReLU slope.
+        convs: conv blocks after the concatenation.
 
     Shapes:
         ``x (B, deep_channels, X/2, Y/2, Z/2)``, ``skip (B, skip_channels, X, Y, Z)``
@@ -93,6 +131,7 @@ class DecoderStage(nn.Module):
         algebra: str,
         attention_gate: bool,
         negative_slope: float,
+        convs: int = 2,
     ) -> None:
         super().__init__()
         self.up = make_conv_transpose(algebra, deep_channels, skip_channels, _SCALE, _SCALE)
@@ -104,7 +143,7 @@ class DecoderStage(nn.Module):
             self.attention_gate = None
         self.convs = nn.Sequential(
             ConvNormAct(2 * skip_channels, skip_channels, _KERNEL, 1, algebra, negative_slope),
-            ConvNormAct(skip_channels, skip_channels, _KERNEL, 1, algebra, negative_slope),
+            *(ConvNormAct(skip_channels, skip_channels, _KERNEL, 1, algebra, negative_slope) for _ in range(convs - 1)),
         )
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
@@ -122,6 +161,7 @@ class Decoder(nn.Module):
         channels: real channels per level, shallow to deep: ``4·(w0, ..., w_{n-1})``.
         bottom_channels: real channels of the bottleneck output.
         algebra, attention_gates, negative_slope: as :class:`AQCFNet`.
+        convs: conv blocks per stage after the concatenation.
     """
 
     def __init__(
@@ -131,11 +171,12 @@ class Decoder(nn.Module):
         algebra: str,
         attention_gates: bool,
         negative_slope: float,
+        convs: int = 2,
     ) -> None:
         super().__init__()
         deeper = [bottom_channels, *reversed(channels[1:])]
         self.stages = nn.ModuleList(
-            DecoderStage(deep, skip, algebra, attention_gates, negative_slope)
+            DecoderStage(deep, skip, algebra, attention_gates, negative_slope, convs)
             for deep, skip in zip(deeper, reversed(channels), strict=True)
         )
 
@@ -164,10 +205,23 @@ class AQCFNet(nn.Module):
         gate_reduction: reduction of the A-QCF gate MLP's hidden width.
         quaternion_product: ``"auto"``, ``"dense"`` or ``"fast"`` for every quaternion convolution
             (:func:`~aqcf.nn.quaternion.set_quaternion_product`); same parameters and output either way.
+        fusion_out_kernel: kernel of the A-QCF blocks' ``QConv_out``, 3 or 1.
+        fusion_weights: ``"separate"`` weights per A-QCF direction or ``"shared"`` between the two
+            (Algorithm 1 calls the same ``QConv_q/k/v``, gate MLP and ``QConv_out`` for both).
+        encoder_convs: conv blocks per encoder stage (the first one strided).
+        decoder_convs: conv blocks per decoder stage after the skip concatenation.
+        bottleneck_convs: conv blocks in the bottleneck.
+        absent_context: what :meth:`forward_single` does with the context from the absent stream:
+            ``"zero-filled"`` (eq. 17: the absent stream runs on zeros through the trained gates) or
+            ``"off"`` (``λ = 0`` at every stage, eq. 10). Changes no parameter.
+
+    The defaults are the network as first built (reading ``"current"`` of :data:`READINGS`).
 
     Attributes:
         last_gates: after each forward, ``{"stage{s}/mri_to_ct": λ, "stage{s}/ct_to_mri": λ}`` with
             detached λ of shape ``(B,)`` for ``s = 1..n`` (empty without cross-fusion).
+        last_context_rms: the same keys, the RMS of the gated context ``λ · C_raw`` each direction
+            added to its target stream, detached, ``(B,)``.
     """
 
     def __init__(
@@ -183,9 +237,21 @@ class AQCFNet(nn.Module):
         negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
         gate_reduction: int = DEFAULT_GATE_REDUCTION,
         quaternion_product: str = AUTO,
+        fusion_out_kernel: int = 3,
+        fusion_weights: str = SEPARATE_WEIGHTS,
+        encoder_convs: int = 2,
+        decoder_convs: int = 2,
+        bottleneck_convs: int = 2,
+        absent_context: str = ZERO_FILLED,
     ) -> None:
         super().__init__()
         widths = tuple(widths)
+        for name, value in (
+            ("encoder_convs", encoder_convs),
+            ("decoder_convs", decoder_convs),
+            ("bottleneck_convs", bottleneck_convs),
+        ):
+            _check_convs(name, value)
         if len(widths) < 3 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
             raise AqcfError(f"widths={widths}: expected at least 3 positive integers (stem, stage 1.., bottleneck)")
         if in_channels < 1 or num_classes < 1:
@@ -200,6 +266,7 @@ class AQCFNet(nn.Module):
         self.algebra = check_algebra(algebra)
         self.bottleneck_mode = bottleneck
         self.attention_gates = bool(attention_gates)
+        self.absent_context = _check_absent_context(absent_context)
         self.num_stages = len(widths) - 2
         self.divisor = _SCALE**self.num_stages
 
@@ -219,14 +286,17 @@ class AQCFNet(nn.Module):
         self.encoders = nn.ModuleDict(
             {
                 m: nn.ModuleList(
-                    EncoderStage(c_in, c_out, algebra, slope)
+                    EncoderStage(c_in, c_out, algebra, slope, encoder_convs)
                     for c_in, c_out in zip(levels[:-1], levels[1:], strict=True)
                 )
                 for m in MODALITIES
             }
         )
         self.fusion = (
-            nn.ModuleList(AQCFBlock(c, gate, algebra, gate_reduction, slope) for c in levels[1:])
+            nn.ModuleList(
+                AQCFBlock(c, gate, algebra, gate_reduction, slope, fusion_out_kernel, fusion_weights)
+                for c in levels[1:]
+            )
             if self.cross_fusion
             else None
         )
@@ -234,18 +304,19 @@ class AQCFNet(nn.Module):
         def make_bottleneck() -> nn.Module:
             return nn.Sequential(
                 ConvNormAct(levels[-1], bottom, _KERNEL, 1, algebra, slope),
-                ConvNormAct(bottom, bottom, _KERNEL, 1, algebra, slope),
+                *(ConvNormAct(bottom, bottom, _KERNEL, 1, algebra, slope) for _ in range(bottleneck_convs - 1)),
             )
 
         self.bottleneck = (
             make_bottleneck() if bottleneck == SHARED else nn.ModuleDict({m: make_bottleneck() for m in MODALITIES})
         )
         self.decoders = nn.ModuleDict(
-            {m: Decoder(levels[:-1], bottom, algebra, self.attention_gates, slope) for m in MODALITIES}
+            {m: Decoder(levels[:-1], bottom, algebra, self.attention_gates, slope, decoder_convs) for m in MODALITIES}
         )
         # a real 1x1x1 conv maps the quaternion features back to real class logits
         self.heads = nn.ModuleDict({m: nn.Conv3d(levels[0], num_classes, 1) for m in MODALITIES})
         self.last_gates: dict[str, Tensor] = {}
+        self.last_context_rms: dict[str, Tensor] = {}
         set_quaternion_product(self, quaternion_product)
 
     def _bottleneck(self, modality: str) -> nn.Module:
@@ -261,8 +332,12 @@ class AQCFNet(nn.Module):
                 f"{self.divisor} ({self.num_stages} halvings); pad the patch"
             )
 
-    def _encode(self, ct: Tensor, mri: Tensor) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
-        """Stems, encoder stages and A-QCF blocks; sets ``last_gates``.
+    def _encode(
+        self, ct: Tensor, mri: Tensor, absent: str | None = None
+    ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
+        """Stems, encoder stages and A-QCF blocks; sets ``last_gates`` and ``last_context_rms``.
+
+        ``absent``: a modality whose context into the other stream is switched off (``λ = 0``).
 
         Returns:
             the deepest features per modality and the skips (shallow to deep, one per decoder stage).
@@ -270,16 +345,20 @@ class AQCFNet(nn.Module):
         features = {CT: self.stems[CT](ct), MRI: self.stems[MRI](mri)}
         levels: dict[str, list[Tensor]] = {m: [features[m]] for m in MODALITIES}
         gates: dict[str, Tensor] = {}
+        context_rms: dict[str, Tensor] = {}
         for s in range(self.num_stages):
             features = {m: self.encoders[m][s](features[m]) for m in MODALITIES}
             if self.fusion is not None:
-                f_ct, f_mri, gate_mri_to_ct, gate_ct_to_mri = self.fusion[s](features[CT], features[MRI])
+                block = self.fusion[s]
+                f_ct, f_mri, gate_mri_to_ct, gate_ct_to_mri = block(features[CT], features[MRI], absent)
                 features = {CT: f_ct, MRI: f_mri}
                 gates[f"stage{s + 1}/mri_to_ct"] = gate_mri_to_ct.detach().flatten()
                 gates[f"stage{s + 1}/ct_to_mri"] = gate_ct_to_mri.detach().flatten()
+                context_rms.update({f"stage{s + 1}/{d}": v for d, v in block.last_context_rms.items()})
             for m in MODALITIES:
                 levels[m].append(features[m])
         self.last_gates = gates
+        self.last_context_rms = context_rms
         return {m: levels[m][-1] for m in MODALITIES}, {m: levels[m][:-1] for m in MODALITIES}
 
     def _decode(self, modality: str, deepest: Tensor, skips: list[Tensor]) -> Tensor:
@@ -308,23 +387,36 @@ class AQCFNet(nn.Module):
         deepest, skips = self._encode(ct, mri)
         return self._decode(CT, deepest[CT], skips[CT]), self._decode(MRI, deepest[MRI], skips[MRI])
 
-    def forward_single(self, x: Tensor, modality: str) -> Tensor:
+    def forward_single(self, x: Tensor, modality: str, absent_context: str | None = None) -> Tensor:
         """Unimodal inference (eq. 17): the absent stream gets zeros, the graph is the training graph.
 
         Both encoders and the A-QCF blocks run as in training; only the absent stream's bottleneck
         pass and decoder are skipped, which feed nothing the present output depends on, so the result
-        equals ``forward`` with a zero tensor for the other stream.
+        equals ``forward`` with a zero tensor for the other stream. The zero-filled absent stream is
+        not zero after its first norm layer (and is filled with the present stream's features by the
+        other direction), so the present stream does receive context from it;
+        ``absent_context="off"`` sets that direction's ``λ`` to 0 at every stage instead, so every
+        A-QCF block gives the present stream ``QConv_out(concat[F, 0])`` (eq. 10).
 
         Args:
             x: ``(B, in_channels, X, Y, Z)``.
             modality: ``"ct"`` or ``"mri"``.
+            absent_context: ``"zero-filled"`` or ``"off"``; ``None`` takes ``self.absent_context``.
 
         Returns:
             logits of ``modality``, ``(B, num_classes, X, Y, Z)``.
         """
         modality = check_modality(modality)
+        mode = self.absent_context if absent_context is None else _check_absent_context(absent_context)
         self._check_input(x, modality)
         absent = torch.zeros_like(x)
         ct, mri = (x, absent) if modality == CT else (absent, x)
-        deepest, skips = self._encode(ct, mri)
+        absent_modality = (MRI if modality == CT else CT) if mode == CONTEXT_OFF else None
+        deepest, skips = self._encode(ct, mri, absent_modality)
         return self._decode(modality, deepest[modality], skips[modality])
+
+
+def _check_absent_context(value: str) -> str:
+    if value not in ABSENT_CONTEXTS:
+        raise AqcfError(f"absent_context={value!r}: expected one of {ABSENT_CONTEXTS}")
+    return value

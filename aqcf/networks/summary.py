@@ -2,6 +2,9 @@
 
 The networks are built on PyTorch's ``meta`` device (shapes only, no memory, no initialisation cost),
 so the paper-sized network and its real-valued twin are counted in about a second.
+
+``--reading NAME`` counts one of the named readings of section 3.2.3 (:data:`READINGS`) on top of the
+other options; ``--reading all`` prints one line per reading with its growth relative to 31.5 M.
 """
 
 from __future__ import annotations
@@ -15,16 +18,25 @@ from torch import nn
 from aqcf.cli import ArgumentParser
 from aqcf.networks.aqcfnet import (
     BOTTLENECKS,
+    DEFAULT_READING,
     PAPER_PARAMETERS,
     PAPER_WIDTHS,
+    READINGS,
     SHARED,
     AQCFNet,
     count_parameters,
 )
 from aqcf.nn.blocks import ALGEBRAS, QUATERNION, REAL
-from aqcf.nn.fusion import ADAPTIVE, GATES
+from aqcf.nn.fusion import ADAPTIVE, FUSION_WEIGHTS, GATES, OUT_KERNELS, SEPARATE_WEIGHTS
 
-__all__ = ["parameter_table", "format_table", "main"]
+__all__ = ["parameter_table", "format_table", "reading_rows", "format_readings", "growth", "main"]
+ALL_READINGS = "all"
+
+
+def growth(total: int) -> str:
+    """``total`` relative to the paper's 31.5 M, e.g. ``"1.94x, +93.7%"``."""
+    ratio = total / PAPER_PARAMETERS
+    return f"{ratio:.2f}x, {100 * (ratio - 1):+.1f}%"
 
 
 def _build(**kwargs) -> AQCFNet:
@@ -68,8 +80,25 @@ def format_table(rows: Sequence[tuple[str, int, int]], title: str) -> str:
     """A plain-text table of :func:`parameter_table` rows and the paper's figure."""
     lines = [title, f"{'part':<28}{'parameters':>15}{'real-valued equivalent':>26}"]
     lines += [f"{name:<28}{n:>15,}{n_real:>26,}" for name, n, n_real in rows]
-    ratio = rows[-1][1] / PAPER_PARAMETERS
-    lines.append(f"{'paper (section 4.1.4)':<28}{int(PAPER_PARAMETERS):>15,}   (this network: {ratio:.2f}x)")
+    lines.append(f"{'paper (section 4.1.4)':<28}{int(PAPER_PARAMETERS):>15,}   (this network: {growth(rows[-1][1])})")
+    return "\n".join(lines)
+
+
+def reading_rows(**kwargs) -> list[tuple[str, int]]:
+    """``(reading, total parameters)`` for every reading of :data:`READINGS` on top of ``kwargs``."""
+    return [(name, count_parameters(_build(**{**kwargs, **reading}))) for name, reading in READINGS.items()]
+
+
+def format_readings(rows: Sequence[tuple[str, int]]) -> str:
+    """A plain-text table of :func:`reading_rows`: settings, total and growth relative to 31.5 M."""
+    lines = [
+        "Readings of section 3.2.3 (AQCFNet arguments that differ from the default)",
+        f"{'reading':<16}{'parameters':>15}  {'vs 31.5 M':<16}settings",
+    ]
+    for name, total in rows:
+        settings = ", ".join(f"{k}={v}" for k, v in READINGS[name].items()) or "(the default)"
+        lines.append(f"{name:<16}{total:>15,}  {growth(total):<16}{settings}")
+    lines.append(f"{'paper':<16}{int(PAPER_PARAMETERS):>15,}")
     return "\n".join(lines)
 
 
@@ -99,6 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="attention-gated decoder skips (default: on)",
     )
+    parser.add_argument("--fusion-out-kernel", type=int, choices=OUT_KERNELS, default=3,
+                        help="kernel of the A-QCF blocks' QConv_out (default: %(default)s)")
+    parser.add_argument("--fusion-weights", choices=FUSION_WEIGHTS, default=SEPARATE_WEIGHTS,
+                        help="A-QCF weights per direction or shared by both (default: %(default)s)")
+    for part in ("encoder", "decoder", "bottleneck"):
+        parser.add_argument(f"--{part}-convs", type=int, default=2,
+                            help=f"conv blocks per {part} stage (default: %(default)s)")
+    parser.add_argument(
+        "--reading",
+        choices=[*READINGS, ALL_READINGS],
+        default=None,
+        help=f"a named reading of section 3.2.3 on top of the other options ({DEFAULT_READING}: the default "
+        f"network), or '{ALL_READINGS}' for one line per reading",
+    )
     args = parser.parse_args(argv)
     kwargs = {
         "in_channels": args.in_channels,
@@ -109,7 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         "algebra": args.algebra,
         "bottleneck": args.bottleneck,
         "attention_gates": args.attention_gates,
+        "fusion_out_kernel": args.fusion_out_kernel,
+        "fusion_weights": args.fusion_weights,
+        "encoder_convs": args.encoder_convs,
+        "decoder_convs": args.decoder_convs,
+        "bottleneck_convs": args.bottleneck_convs,
     }
+    if args.reading == ALL_READINGS:
+        print(format_readings(reading_rows(**kwargs)))
+        return 0
+    if args.reading is not None:
+        kwargs.update(READINGS[args.reading])
     settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
     print(format_table(parameter_table(**kwargs), f"A-QCF-Net ({settings})"))
     return 0

@@ -1,0 +1,209 @@
+"""Readings of section 3.2.3: the default network unchanged, the counts of every reading worked out by
+hand from widths and kernels, every ``configs/readings/*.yaml`` trained a step on phantoms, and the
+absent-context switch (eq. 10 at every stage)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from aqcf.cli import main
+from aqcf.networks.aqcfnet import PAPER_WIDTHS, READINGS, AQCFNet, count_parameters
+from aqcf.networks.summary import main as summary_main
+from aqcf.nn.quaternion import quaternion_cat
+from tests.conftest import REPO, tiny_fit_args
+
+READING_CONFIGS = REPO / "configs" / "readings"
+TINY = (2, 2, 4, 4, 8, 8)
+ONE_STEP = ["--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.num_sanity_val_steps", "0"]
+
+# state_dict of the network as first built (before the reading options): number of entries, trainable
+# parameters and sha256 of "name:shape" lines in order, at paper and at tiny widths
+FIRST_BUILT = {
+    PAPER_WIDTHS: (530, 61_021_286, "173c0a9aea4bc8d02252dda0de1e65f36a0a18e502b3809921dc555b64d4f964"),
+    TINY: (530, 127_898, "5f37e662ca4096fdc8c13bed4d77b503604fd6e2f1659672fff1ea2d0fc3f276"),
+}
+
+
+def _fingerprint(net) -> tuple[int, int, str]:
+    sd = net.state_dict()
+    text = "\n".join(f"{k}:{tuple(v.shape)}" for k, v in sd.items())
+    return len(sd), count_parameters(net), hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("widths", sorted(FIRST_BUILT))
+def test_default_network_is_the_network_as_first_built(widths):
+    with torch.device("meta"):
+        default = AQCFNet(widths=widths)
+        current = AQCFNet(widths=widths, **READINGS["current"])
+    assert _fingerprint(default) == FIRST_BUILT[widths]
+    assert _fingerprint(current) == FIRST_BUILT[widths]
+
+
+def test_a_default_state_dict_loads_into_the_default_and_the_current_reading():
+    source = AQCFNet(widths=TINY)
+    for kwargs in ({}, {"fusion_weights": "separate", "fusion_out_kernel": 3, "encoder_convs": 2,
+                        "decoder_convs": 2, "bottleneck_convs": 2}):
+        target = AQCFNet(widths=TINY, **kwargs)
+        target.load_state_dict(source.state_dict(), strict=True)
+
+
+# ------------------------------------------------------------------ counts by arithmetic on the widths
+
+
+def qconv(q_in, q_out, k, bias=False):
+    """A quaternion conv: 4 q_in q_out k³ weights (+ a bias per real output channel)."""
+    return 4 * q_in * q_out * k**3 + (4 * q_out if bias else 0)
+
+
+def block(q_in, q_out, k=3):
+    """Conv (no bias) + affine instance norm on 4 q_out real channels."""
+    return qconv(q_in, q_out, k) + 2 * 4 * q_out
+
+
+def expected_count(widths, fusion_out_kernel=3, fusion_weights="separate", encoder_convs=2, decoder_convs=2,
+                   bottleneck_convs=2):
+    w, bottom = widths[:-1], widths[-1]
+    stream = 27 * 4 * w[0] + 2 * 4 * w[0] + block(w[0], w[0])  # real stem conv + norm, quaternion stem
+    for a, b in zip(w[:-1], w[1:], strict=True):
+        stream += block(a, b) + (encoder_convs - 1) * block(b, b)
+    skips = w[:-1]  # levels 0..n-1; level n feeds the bottleneck
+    deeper = [bottom, *reversed(skips[1:])]
+    for deep, skip in zip(deeper, reversed(skips), strict=True):
+        inter = max(1, skip // 2)
+        stream += qconv(deep, skip, 2, bias=True)  # transposed conv, kernel 2
+        stream += qconv(skip, inter, 1) + qconv(skip, inter, 1, bias=True) + (4 * inter + 1)  # W_x, W_g, ψ
+        stream += block(2 * skip, skip) + (decoder_convs - 1) * block(skip, skip)
+    stream += 4 * w[0] * 3 + 3  # real 1x1x1 head
+    fusion = 0
+    for c in w[1:]:
+        hidden = max(1, 2 * 4 * c // 16)
+        direction = 3 * qconv(c, c, 1) + (8 * c * hidden + hidden) + (hidden + 1) + block(2 * c, c, fusion_out_kernel)
+        fusion += direction * (1 if fusion_weights == "shared" else 2)
+    neck = block(w[-1], bottom) + (bottleneck_convs - 1) * block(bottom, bottom)
+    return 2 * stream + fusion + neck
+
+
+def test_arithmetic_reproduces_the_documented_default_count():
+    assert expected_count(PAPER_WIDTHS) == 61_021_286
+
+
+@pytest.mark.parametrize("name", sorted(READINGS))
+@pytest.mark.parametrize("widths", [PAPER_WIDTHS, TINY])
+def test_summary_counts_every_reading(name, widths, capsys):
+    expected = expected_count(widths, **READINGS[name])
+    args = ["--widths", *map(str, widths)]
+    assert summary_main([*args, "--reading", name]) == 0
+    out = capsys.readouterr().out
+    total_line = next(row for row in out.splitlines() if row.startswith("total"))
+    assert total_line.split()[1] == f"{expected:,}"
+    growth = f"{100 * (expected / 31.5e6 - 1):+.1f}%"
+    assert growth in out.splitlines()[-1]
+    assert summary_main([*args, "--reading", "all"]) == 0
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith(f"{name} "))
+    assert f"{expected:,}" in line and growth in line
+
+
+def test_paper_readings_are_within_two_percent_of_the_paper():
+    assert round(expected_count(PAPER_WIDTHS, **READINGS["paper-shared"]) / 1e5) == 320
+    assert round(expected_count(PAPER_WIDTHS, **READINGS["paper-out1"]) / 1e5) == 309
+
+
+def test_shared_fusion_weights_are_one_module_for_both_directions():
+    net = AQCFNet(widths=TINY, fusion_weights="shared").eval()
+    for block_ in net.fusion:
+        assert block_.direction("mri_to_ct") is block_.direction("ct_to_mri")
+    ct, mri = torch.randn(1, 1, 32, 32, 32), torch.randn(1, 1, 32, 32, 32)
+    net(ct, mri)  # both directions run through the one module
+    assert set(net.last_gates) == {f"stage{s}/{d}" for s in range(1, 5) for d in ("mri_to_ct", "ct_to_mri")}
+
+
+@pytest.mark.parametrize("kwargs", [{"fusion_out_kernel": 5}, {"fusion_weights": "tied"}, {"encoder_convs": 0},
+                                    {"decoder_convs": 1.5}, {"bottleneck_convs": True},
+                                    {"absent_context": "none"}])
+def test_bad_reading_options_raise(kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        AQCFNet(widths=TINY, **kwargs)
+
+
+# --------------------------------------------------------------------------------- shipped configs
+
+
+def test_readings_ship_a_config_each():
+    assert {p.stem for p in READING_CONFIGS.glob("*.yaml")} == set(READINGS)
+
+
+@pytest.mark.parametrize("name", sorted(READINGS))
+def test_reading_config_trains_with_its_network(name, tiny_phantoms, tmp_path):
+    root = tmp_path / name
+    config = READING_CONFIGS / f"{name}.yaml"
+    assert main(["fit", *tiny_fit_args(tiny_phantoms, root, "--config", str(config), *ONE_STEP)]) == 0
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+    reference = AQCFNet(widths=TINY, **READINGS[name])
+    assert list(state) == list(reference.state_dict())
+    total = sum(v.numel() for k, v in state.items() if "running_" not in k and "num_batches" not in k)
+    assert total == expected_count(TINY, **READINGS[name])
+
+
+# ------------------------------------------------------------------------ the absent-stream context
+
+
+@pytest.mark.parametrize("modality", ["ct", "mri"])
+@pytest.mark.parametrize("name", sorted(READINGS))
+def test_absent_context_off_gives_qconv_out_of_features_and_zeros_at_every_stage(modality, name):
+    net = AQCFNet(widths=TINY, **READINGS[name]).eval()
+    with torch.no_grad():  # learned norm shifts: the zero-filled absent stream is not zero inside
+        for m in net.modules():
+            if isinstance(m, torch.nn.InstanceNorm3d):
+                m.bias.normal_()
+    direction = "mri_to_ct" if modality == "ct" else "ct_to_mri"
+    present = 0 if modality == "ct" else 1  # position of the present stream in the block's args / outputs
+    inputs, outputs = {}, {}
+
+    def record(stage):
+        def hook(module, args, out):
+            inputs[stage], outputs[stage] = args[present], out[present]
+
+        return hook
+
+    hooks = [block_.register_forward_hook(record(s)) for s, block_ in enumerate(net.fusion)]
+    x = torch.randn(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        off = net.forward_single(x, modality, absent_context="off")
+        for s, block_ in enumerate(net.fusion):
+            f = inputs[s]
+            expected = block_.direction(direction).qconv_out(quaternion_cat([f, torch.zeros_like(f)]))
+            torch.testing.assert_close(outputs[s], expected, rtol=0, atol=0)
+            assert net.last_gates[f"stage{s + 1}/{direction}"].eq(0).all()
+            assert net.last_context_rms[f"stage{s + 1}/{direction}"].eq(0).all()
+        zero_filled = net.forward_single(x, modality)
+        rms = [float(net.last_context_rms[f"stage{s}/{direction}"][0]) for s in range(2, 5)]
+    for h in hooks:
+        h.remove()
+    # the zero-filled path does carry context from the absent stream past the first block
+    assert min(rms) > 0
+    assert not torch.equal(off, zero_filled)
+    # the network attribute is the default of forward_single (what configs and checkpoints set)
+    net.absent_context = "off"
+    with torch.no_grad():
+        torch.testing.assert_close(net.forward_single(x, modality), off, rtol=0, atol=0)
+
+
+def test_context_rms_is_the_rms_of_the_gated_context():
+    net = AQCFNet(widths=TINY).eval()
+    ct, mri = torch.randn(2, 1, 32, 32, 32), torch.randn(2, 1, 32, 32, 32)
+    captured = {}
+    transfer = net.fusion[1].mri_to_ct
+    hook = transfer.register_forward_hook(lambda mod, args, out: captured.update(args=args) or None)
+    with torch.no_grad():
+        net(ct, mri)
+        f_target, f_source = captured["args"][:2]
+        context = transfer.compute_context(f_target, f_source)
+        gated = transfer.compute_gate(f_target, context) * context
+    hook.remove()
+    expected = gated.pow(2).flatten(1).mean(1).sqrt()
+    torch.testing.assert_close(net.last_context_rms["stage2/mri_to_ct"], expected)
