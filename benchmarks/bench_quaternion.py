@@ -1,0 +1,299 @@
+"""Quaternion convolution benchmark: the dense (eq. 2) and the fast (8-multiplication) product.
+
+For every quaternion layer shape of A-QCF-Net at the paper's widths on a 256×256×16 patch, it times
+forward + backward (gradients w.r.t. the input and the weights) of ``nn.Conv3d`` (or
+``nn.ConvTranspose3d``) of the same real shape, the dense quaternion path and the fast one, batch 1,
+no bias. The shapes are found by running the network on PyTorch's ``meta`` device with forward hooks,
+so the list follows the code; each case also counts how often a joint CT+MRI forward runs that shape.
+The three variants alternate within every repeat so that load from other processes hits all of
+them, and the median of the repeats is reported (``REPEATS``, fewer, down to ``MIN_REPEATS``, where
+a round takes longer than ``ROUND_BUDGET_S / REPEATS``). ``auto`` runs exactly the code of the path
+that :func:`~aqcf.nn.quaternion.resolve_product` picks, so its time is that path's time. A few probe
+widths outside the network (``PROBE_SHAPES``) locate the thresholds of that rule.
+
+Grids of more than ``MAX_VOXELS`` input voxels (the two finest levels) are timed on a crop, halving
+the larger in-plane axis until it fits: a narrow fast path there takes minutes per run on the full
+grid, and a convolution's time grows in proportion to its voxels. The summary scales such times back
+to the full grid. A fast path that takes more than ``SLOW_FACTOR`` times the dense path in the warm-up
+round is not repeated; its row says so.
+
+The full table takes about 9 minutes on the 2-core development CPU. A whole training step at the
+paper's widths on 256×256×16 patches, every quaternion layer forced dense against ``auto``, is a
+separate command (``--train-step``): one step each in a fresh process, 3-6 minutes a step there, so
+it stays out of ``run`` and ``benchmarks/run.py``.
+
+Usage: ``python benchmarks/bench_quaternion.py [--quick | --train-step]`` prints the rows as JSON lines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+PAPER_WIDTHS = (12, 24, 48, 96, 192, 256)
+PATCH = (256, 256, 16)
+REPEATS = 5
+QUICK_REPEATS = 3
+MIN_REPEATS = 3
+# repeats beyond MIN_REPEATS only while a round of the three variants stays within this budget
+ROUND_BUDGET_S = 15.0
+SLOW_FACTOR = 2.0
+MAX_VOXELS = 32 * 64 * 16
+# widths outside the network that locate the auto rule's thresholds (FAST_* in aqcf/nn/quaternion.py)
+PROBE_SHAPES = (
+    ("conv", 16, 16, 3, 1, (64, 64, 4)),
+    ("conv", 32, 32, 3, 1, (64, 64, 4)),
+    ("conv", 40, 40, 3, 1, (64, 64, 4)),
+    ("conv", 56, 56, 3, 1, (64, 64, 4)),
+    ("conv", 64, 64, 3, 1, (64, 64, 4)),
+    ("transposed", 64, 32, 2, 2, (32, 32, 2)),
+    ("transposed", 128, 64, 2, 2, (32, 32, 2)),
+)
+# quick: a few shapes on small grids, on both sides of the auto rule
+QUICK_SHAPES = (
+    ("conv", 12, 12, 3, 1, (16, 16, 8)),
+    ("conv", 96, 96, 3, 1, (8, 8, 4)),
+    ("conv", 96, 96, 1, 1, (8, 8, 4)),
+    ("transposed", 256, 96, 2, 2, (4, 4, 1)),
+)
+NUM_CLASSES = 3
+LEARNING_RATE = 1e-4
+WEIGHT_DECAY = 1e-5
+
+
+class LayerShape(NamedTuple):
+    """One quaternion layer shape: ``kind`` is ``"conv"`` or ``"transposed"``; widths in quaternion channels.
+
+    (A named tuple, not a dataclass: ``benchmarks/run.py`` loads this file without registering it as a module.)
+    """
+
+    kind: str
+    q_in: int
+    q_out: int
+    kernel: int
+    stride: int
+    grid: tuple[int, int, int]
+
+    @property
+    def timed_grid(self) -> tuple[int, int, int]:
+        """``grid``, with the larger in-plane axis halved until at most ``MAX_VOXELS`` voxels remain."""
+        x, y, z = self.grid
+        while x * y * z > MAX_VOXELS and max(x, y) > 1:
+            x, y = (x // 2, y) if x >= y else (x, y // 2)
+        return x, y, z
+
+    @property
+    def crop_factor(self) -> float:
+        """Voxels of ``grid`` per voxel of ``timed_grid``."""
+        return math.prod(self.grid) / math.prod(self.timed_grid)
+
+    def label(self) -> str:
+        name = "QConv3d" if self.kind == "conv" else "QConvTranspose3d"
+        text = f"{name} {self.q_in}->{self.q_out} k{self.kernel} s{self.stride} on {_size(self.grid)} input"
+        return text if self.crop_factor == 1 else f"{text} (timed on {_size(self.timed_grid)})"
+
+
+def _size(grid: tuple[int, ...]) -> str:
+    return "x".join(map(str, grid))
+
+
+def network_shapes(widths: tuple[int, ...] = PAPER_WIDTHS, patch: tuple[int, ...] = PATCH) -> Counter[LayerShape]:
+    """Every quaternion layer shape of ``AQCFNet(widths=widths)`` on ``patch``, with its count per joint forward."""
+    from aqcf.networks.aqcfnet import AQCFNet
+    from aqcf.nn.quaternion import QuaternionConv3d, QuaternionConvTranspose3d
+
+    shapes: Counter[LayerShape] = Counter()
+
+    def record(module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        kind = "transposed" if isinstance(module, QuaternionConvTranspose3d) else "conv"
+        grid = tuple(args[0].shape[2:])
+        shapes[LayerShape(kind, module.q_in, module.q_out, module.kernel_size[0], module.stride[0], grid)] += 1
+
+    with torch.device("meta"):
+        net = AQCFNet(widths=widths)
+        for module in net.modules():
+            if isinstance(module, (QuaternionConv3d, QuaternionConvTranspose3d)):
+                module.register_forward_hook(record)
+        x = torch.empty(1, 1, *patch)
+        net(x, x)
+    return shapes
+
+
+def _layers(shape: LayerShape) -> dict[str, nn.Module]:
+    from aqcf.nn.quaternion import DENSE, FAST, QuaternionConv3d, QuaternionConvTranspose3d
+
+    c_in, c_out, k, s = 4 * shape.q_in, 4 * shape.q_out, shape.kernel, shape.stride
+    if shape.kind == "conv":
+        real = nn.Conv3d(c_in, c_out, k, stride=s, padding=k // 2, bias=False)
+        dense = QuaternionConv3d(c_in, c_out, k, stride=s, bias=False, product=DENSE)
+    else:
+        real = nn.ConvTranspose3d(c_in, c_out, k, stride=s, bias=False)
+        dense = QuaternionConvTranspose3d(c_in, c_out, k, stride=s, bias=False, product=DENSE)
+    fast = type(dense)(c_in, c_out, k, stride=s, bias=False, product=FAST)
+    return {"real": real, DENSE: dense, FAST: fast}
+
+
+def _step_once(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    x.grad = None
+    layer.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    layer(x).backward(grad)
+    return time.perf_counter() - start
+
+
+def time_shape(shape: LayerShape, repeats: int) -> dict[str, dict]:
+    """Forward + backward seconds of the three variants, interleaved: ``{name: {"s": median, "runs": n}}``."""
+    torch.manual_seed(0)
+    layers = _layers(shape)
+    x = torch.randn(1, 4 * shape.q_in, *shape.timed_grid, requires_grad=True)
+    with torch.no_grad():
+        grad = torch.randn_like(layers["real"](x))
+    times: dict[str, list[float]] = {name: [_step_once(layer, x, grad)] for name, layer in layers.items()}
+    warm_round = sum(t[0] for t in times.values())
+    active = [name for name in layers if not (name == "fast" and times["fast"][0] > SLOW_FACTOR * times["dense"][0])]
+    repeats = max(MIN_REPEATS, min(repeats, int(ROUND_BUDGET_S / warm_round)))
+    for name in active:
+        times[name] = []
+    for _ in range(repeats):
+        for name in active:
+            times[name].append(_step_once(layers[name], x, grad))
+    return {name: {"s": statistics.median(t), "runs": len(t)} for name, t in times.items()}
+
+
+def _as_rows(case: str, rows: list[tuple]) -> list[dict]:
+    return [
+        {"benchmark": "quaternion", "case": case, "metric": m, "value": v, "unit": u, "note": n} for m, v, u, n in rows
+    ]
+
+
+def _rows_for(shape: LayerShape, count: int, measured: dict[str, dict]) -> list[dict]:
+    from aqcf.nn.quaternion import AUTO, resolve_product
+
+    auto = resolve_product(AUTO, shape.q_in, shape.q_out, shape.kernel, "cpu", shape.kind == "transposed")
+    ms = {name: 1e3 * m["s"] for name, m in measured.items()}
+    reference = "nn.Conv3d" if shape.kind == "conv" else "nn.ConvTranspose3d"
+    case = f"{shape.label()} (x{count} per joint forward)" if count else f"{shape.label()} (probe, not in the network)"
+    runs = {name: m["runs"] for name, m in measured.items()}
+    note = f"fwd+bwd, median of {runs['real']} interleaved runs, {torch.get_num_threads()} torch threads"
+    fast_note = note if runs["fast"] == runs["real"] else f"one run: over {SLOW_FACTOR:g}x dense, not repeated"
+    rows = [
+        (f"{reference} fwd+bwd", ms["real"], "ms", note),
+        ("dense quaternion fwd+bwd", ms["dense"], "ms", note),
+        ("fast quaternion fwd+bwd", ms["fast"], "ms", fast_note),
+        (f"dense / {reference}", ms["dense"] / ms["real"], "ratio", ""),
+        (f"fast / {reference}", ms["fast"] / ms["real"], "ratio", ""),
+        (f"auto / {reference}", ms[auto] / ms["real"], "ratio", f"auto = {auto} on cpu"),
+    ]
+    return _as_rows(case, rows)
+
+
+def _summary_rows(results: list[tuple[LayerShape, int, dict[str, dict]]], case: str) -> list[dict]:
+    """Per joint forward, weighted by layer counts; and the worst auto / dense over all shapes."""
+    from aqcf.nn.quaternion import AUTO, resolve_product
+
+    total = {"real": 0.0, "dense": 0.0, "auto": 0.0}
+    worst = 0.0
+    for shape, count, measured in results:
+        if not count:
+            continue
+        auto = resolve_product(AUTO, shape.q_in, shape.q_out, shape.kernel, "cpu", shape.kind == "transposed")
+        weight = count * shape.crop_factor
+        total["real"] += weight * measured["real"]["s"]
+        total["dense"] += weight * measured["dense"]["s"]
+        total["auto"] += weight * measured[auto]["s"]
+        worst = max(worst, measured[auto]["s"] / measured["dense"]["s"])
+    rows = [
+        ("real convs of the same shapes", total["real"], "s", ""),
+        ("dense quaternion", total["dense"], "s", ""),
+        ("auto quaternion", total["auto"], "s", ""),
+        ("auto / dense", total["auto"] / total["dense"], "ratio", "the convolution part of a step only"),
+        ("worst auto / dense over the shapes", worst, "ratio", "1 where auto is dense (the same timings)"),
+    ]
+    return _as_rows(case, rows)
+
+
+def _train_step(widths: tuple[int, ...], product: str) -> dict:
+    """One joint training step (as ``bench_model``: forward, DiceCE per stream, backward, AdamW) on CPU."""
+    from monai.losses import DiceCELoss
+
+    from aqcf.networks.aqcfnet import AQCFNet
+
+    torch.manual_seed(0)
+    net = AQCFNet(num_classes=NUM_CLASSES, widths=widths, quaternion_product=product)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    ct, mri = torch.rand(1, 1, *PATCH), torch.rand(1, 1, *PATCH)
+    y_ct, y_mri = torch.randint(0, NUM_CLASSES, (1, 1, *PATCH)), torch.randint(0, NUM_CLASSES, (1, 1, *PATCH))
+    start = time.perf_counter()
+    logits_ct, logits_mri = net(ct, mri)
+    loss = loss_fn(logits_ct, y_ct) + loss_fn(logits_mri, y_mri)
+    loss.backward()
+    optimizer.step()
+    return {"step_s": time.perf_counter() - start, "threads": torch.get_num_threads()}
+
+
+def train_step_rows(widths: tuple[int, ...] = PAPER_WIDTHS) -> list[dict]:
+    """One training step with every quaternion layer dense, then one with ``auto``, each in a fresh process."""
+    results = {}
+    for product in ("dense", "auto"):
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--step", product, "--widths", *map(str, widths)]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[product] = json.loads(done.stdout.strip().splitlines()[-1])
+    case = f"train step widths {'-'.join(map(str, widths))}, CT+MRI {'x'.join(map(str, PATCH))}, CPU"
+    note = f"one first step per product, each in a fresh process, {results['dense']['threads']} torch threads"
+    rows = [
+        ("step, every quaternion layer dense", results["dense"]["step_s"], "s", note),
+        ("step, auto", results["auto"]["step_s"], "s", note),
+        ("auto / dense", results["auto"]["step_s"] / results["dense"]["step_s"], "ratio", "one step each: noisy"),
+    ]
+    return _as_rows(case, rows)
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Per-layer benchmark rows; ``quick`` times a few shapes on small grids."""
+    if quick:
+        shapes = Counter({LayerShape(*s): 1 for s in QUICK_SHAPES})
+    else:
+        shapes = network_shapes()
+        shapes.update({LayerShape(*s): 0 for s in PROBE_SHAPES})
+    ordered = sorted(shapes, key=lambda s: (s.kind, s.kernel, min(s.q_in, s.q_out), s.q_in, s.q_out, s.grid))
+    results = []
+    rows: list[dict] = []
+    for shape in ordered:
+        measured = time_shape(shape, QUICK_REPEATS if quick else REPEATS)
+        results.append((shape, shapes[shape], measured))
+        rows += _rows_for(shape, shapes[shape], measured)
+        print(f"[quaternion] {shape.label()}: " + ", ".join(f"{n} {1e3 * m['s']:.1f} ms" for n, m in measured.items()),
+              file=sys.stderr, flush=True)  # fmt: skip
+    if quick:
+        return rows + _summary_rows(results, "the quick shapes, one of each")
+    case = "all network layers, summed with their counts per joint CT+MRI forward, crops scaled to the full grid"
+    return rows + _summary_rows(results, case)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="quaternion convolution benchmark, rows as JSON lines")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--train-step", action="store_true", help="paper-width training step, dense vs auto")
+    parser.add_argument("--step", choices=("dense", "fast", "auto"), help="time one training step (internal)")
+    parser.add_argument("--widths", type=int, nargs="+", default=list(PAPER_WIDTHS))
+    args = parser.parse_args()
+    if args.step:
+        print(json.dumps(_train_step(tuple(args.widths), args.step)))
+    elif args.train_step:
+        for row in train_step_rows(tuple(args.widths)):
+            print(json.dumps(row))
+    else:
+        for row in run(quick=args.quick):
+            print(json.dumps(row))
