@@ -93,13 +93,15 @@ PRODUCTS = (AUTO, DENSE, FAST)
 _FAST_GROUPS = 8
 # "auto" on a CPU takes the fast path for kernels of more than one voxel when both quaternion widths
 # are multiples of FAST_CHANNEL_MULTIPLE_CPU and at least FAST_MIN_CHANNELS_CPU[kind]. Measured with
-# benchmarks/bench_quaternion.py (forward + backward, fast / dense quaternion path) on the 2-core
-# development CPU (AVX-512), torch 2.13: 3x3x3 convs win from 32 channels (32->32: 0.70-0.76, 48->48:
-# 0.56-0.65, 96->96: 0.50, 192->192: 0.36) but lose at widths that are no multiple of 16, whatever
-# their size (24->24: 6.4, 36->36: 1.8, 40->40: 1.4, 56->56: 0.97), where oneDNN has no blocked kernel
-# for the groups; 16->16 ties (0.99). Transposed 2x2x2 convs win only on the deepest grids (256->96:
-# 0.46; 96->48 0.55-1.11 with the grid; 64->32: 1.1-2.0; 48->48: 1.6). 1x1x1 convs lose up to 96->96
-# (1.25-2.1).
+# `python benchmarks/run.py --only quaternion` (forward + backward; ratios fast / dense quaternion
+# path over 2-4 runs) on the 2-core development CPU (Xeon, AVX-512, shared with other jobs), torch 2.13:
+# 3x3x3 convs win from 32 channels (32->32: 0.62-0.76, 48->48: 0.51-0.65, 96->96: 0.41-0.55,
+# 192->192: 0.36-0.40) but lose at widths that are no multiple of 16, whatever their size (24->24:
+# 6.3-7.1, 36->36: 1.8, 40->40: 1.15-1.4, 56->56: 0.97-1.2; most likely oneDNN's fast grouped kernels
+# want per-group channels in multiples of 16 floats, one AVX-512 register), and 16->16 gains little
+# (0.89-0.99). Transposed 2x2x2 convs win clearly only from 96 channels (256->96: 0.44-0.55; 128->64:
+# 0.63-0.86; 96->48: 0.55-1.13; 64->32: 1.1-2.0). 1x1x1 convs lose or tie (48->48: 1.7-2.1, 96->96:
+# 1.1-1.25, 192->192: 0.4-1.1).
 FAST_CHANNEL_MULTIPLE_CPU = 16
 FAST_MIN_CHANNELS_CPU = {"conv": 32, "transposed": 96}
 
