@@ -41,6 +41,8 @@ __all__ = [
     "flip_averaged",
     "sliding_window_logits",
     "argmax_labels",
+    "restore_probabilities",
+    "segmentation_from_probabilities",
     "load_checkpoint_info",
 ]
 
@@ -94,11 +96,14 @@ class Segmentation:
         labels: uint8 (X, Y, Z) labels 0/1/2 on the scan's own voxel grid (shape of the input).
         record: the preprocessing record (both grids' shapes and affines, crop box).
         seconds: wall time per stage: ``preprocess``, ``inference``, ``restore``.
+        probabilities: only when asked for: float16 (C, X, Y, Z) softmax on the scan's own grid
+            (:func:`restore_probabilities`), channel i the probability of label i.
     """
 
     labels: np.ndarray
     record: dict
     seconds: dict[str, float] = field(default_factory=dict)
+    probabilities: np.ndarray | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -196,6 +201,36 @@ def argmax_labels(logits: Tensor) -> Tensor:
         for start in range(0, logits.shape[-1], _ARGMAX_CHUNK)
     ]
     return torch.cat(chunks, dim=-1)
+
+
+def restore_probabilities(probabilities, record: dict) -> np.ndarray:
+    """Map class probabilities from the preprocessed grid back onto the scan's voxel grid.
+
+    Nearest neighbour in world coordinates, the sampling :func:`restore_to_original` gives the labels,
+    so the label of a voxel holds its largest restored probability. Voxels outside the preprocessed
+    field of view (cropped away) get background probability 1, as their label is 0.
+
+    Args:
+        probabilities: (C, X, Y, Z) on the preprocessed grid (numpy array or tensor), channel 0 background.
+        record: the record :func:`preprocess_image` gave for this scan.
+
+    Returns:
+        float16 (C, X', Y', Z') with the original scan's spatial shape, in its stored axis order.
+    """
+    import torchio as tio
+
+    values = torch.as_tensor(np.asarray(probabilities), dtype=torch.float32)
+    expected = tuple(record["preprocessed_shape"])
+    if tuple(values.shape[1:]) != expected:
+        raise AqcfError(f"probabilities of shape {tuple(values.shape)} do not match the preprocessed shape {expected}")
+    image = tio.ScalarImage(tensor=values, affine=np.asarray(record["preprocessed_affine"], dtype=float))
+    target = (tuple(int(n) for n in record["original_shape"]), np.asarray(record["original_affine"], dtype=float))
+    restored = tio.Resample(target, image_interpolation="nearest")(image).data.numpy()
+    # the field of view restored as labels are: outside it (padding value unknown) is background
+    inside = restore_to_original(np.ones(expected, dtype=np.uint8), record).astype(bool)
+    restored[:, ~inside] = 0.0
+    restored[0][~inside] = 1.0
+    return restored.astype(np.float16)
 
 
 def load_checkpoint_info(path: str | Path) -> dict:
@@ -362,12 +397,31 @@ class Predictor:
         )
         return argmax_labels(logits)
 
-    def segment_file(self, path: str | Path, modality: str) -> Segmentation:
+    @torch.inference_mode()
+    def probabilities_on_grid(self, image: Tensor, modality: str) -> Tensor:
+        """Softmax of the stitched logits of one preprocessed volume.
+
+        Args:
+            image: (1, X, Y, Z) float in [0, 1] (the output of :func:`preprocess_image`).
+            modality: ``"ct"`` or ``"mri"``.
+
+        Returns:
+            float32 CPU tensor (C, X, Y, Z), summing to 1 over C at every voxel.
+        """
+        modality = self.check_modality(modality)
+        logits = sliding_window_logits(
+            self.network, image[None].float(), modality, self.window, self.device, self.tta, self.precision
+        )
+        return torch.softmax(logits[0], dim=0).cpu()
+
+    def segment_file(self, path: str | Path, modality: str, probabilities: bool = False) -> Segmentation:
         """Segment one scan file (NIfTI) into labels on its own voxel grid.
 
         Args:
             path: the scan (HU for CT).
             modality: ``"ct"`` or ``"mri"``; must be one the model was trained on.
+            probabilities: also return the softmax on the scan's grid (the labels are then its argmax,
+                which equals the argmax of the logits).
 
         Returns:
             The :class:`Segmentation`: labels of exactly the scan's shape, in its stored axis order.
@@ -381,9 +435,28 @@ class Predictor:
         start = time.perf_counter()
         image, record = preprocess_image(path, self.preprocessing[modality])
         preprocessed = time.perf_counter()
-        labels = self.labels_on_grid(image, modality)
-        inferred = time.perf_counter()
-        restored = restore_to_original(labels.numpy(), record)
-        done = time.perf_counter()
-        seconds = {"preprocess": preprocessed - start, "inference": inferred - preprocessed, "restore": done - inferred}
-        return Segmentation(labels=restored, record=record, seconds=seconds)
+        if not probabilities:
+            labels = self.labels_on_grid(image, modality)
+            inferred = time.perf_counter()
+            restored = restore_to_original(labels.numpy(), record)
+            done = time.perf_counter()
+            seconds = {"preprocess": preprocessed - start, "inference": inferred - preprocessed,
+                       "restore": done - inferred}
+            return Segmentation(labels=restored, record=record, seconds=seconds)
+        return segmentation_from_probabilities(self.probabilities_on_grid(image, modality), record, start, preprocessed)
+
+
+def segmentation_from_probabilities(
+    probabilities: Tensor, record: dict, start: float, preprocessed: float, keep: bool = True
+) -> Segmentation:
+    """Labels (argmax) and, with ``keep``, the probabilities of (C, X, Y, Z) softmax, both on the scan's grid.
+
+    ``start`` and ``preprocessed`` are the ``time.perf_counter()`` readings before and after preprocessing.
+    """
+    inferred = time.perf_counter()
+    labels = argmax_labels(probabilities[None])
+    restored = restore_to_original(labels.numpy(), record)
+    kept = restore_probabilities(probabilities, record) if keep else None
+    done = time.perf_counter()
+    seconds = {"preprocess": preprocessed - start, "inference": inferred - preprocessed, "restore": done - inferred}
+    return Segmentation(labels=restored, record=record, seconds=seconds, probabilities=kept)

@@ -11,7 +11,14 @@ stem is its name):
 * with ``--png``, ``<stem><suffix>.png``: axial overlays (liver red, tumor blue).
 
 ``suffix`` defaults to ``_seg``. All files are written atomically; existing ones are kept unless
-``--overwrite`` (checked for every scan before any work starts). One line per scan is printed.
+``--overwrite`` (checked for every scan before any work starts), or skipped when complete with
+``--continue`` (as ``nnUNetv2_predict --continue_prediction``). One line per scan is printed.
+
+Several ``--ckpt`` (or a run folder: every ``fold*/checkpoints/best.ckpt``) average their softmax
+(:mod:`aqcf.inference.ensemble`); ``--save-probabilities`` writes ``<stem><suffix>_probabilities.npz``;
+``--postprocess largest-liver`` keeps the largest liver component (:mod:`aqcf.inference.postprocess`);
+``--dicom-seg`` writes a DICOM Segmentation beside the mask of a DICOM input
+(:mod:`aqcf.inference.dicom_seg`).
 """
 
 from __future__ import annotations
@@ -33,33 +40,47 @@ import numpy as np
 
 from aqcf.constants import MODALITIES
 from aqcf.errors import AqcfError
+from aqcf.inference.postprocess import POSTPROCESSING
 from aqcf.io import check_output, child_path, safe_name, save_nifti_atomic
 
 __all__ = [
     "NIFTI_SUFFIXES",
     "DEFAULT_SUFFIX",
+    "PROBABILITIES_SUFFIX",
+    "PROBABILITIES_KEY",
+    "BACKENDS",
     "Scan",
     "find_scans",
     "output_paths",
+    "is_complete",
     "write_mask",
+    "write_probabilities",
     "segment_scans",
     "main",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_SUFFIX = "_seg"
+#: appended to ``<stem><suffix>`` for the ``--save-probabilities`` file
+PROBABILITIES_SUFFIX = "_probabilities.npz"
+#: the array's name inside that file
+PROBABILITIES_KEY = "probabilities"
 DICOM, NIFTI = "dicom", "nifti"
+#: ``--backend``: PyTorch checkpoints, or ONNX models written by ``aqcf export`` run by onnxruntime
+BACKENDS = ("torch", "onnxruntime")
 # the scan and the record the preprocessing read may disagree this much (mm) before we warn
 AFFINE_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True)
 class Scan:
-    """One scan to segment: ``name`` (the output stem), ``source`` (file or DICOM folder), ``kind``."""
+    """One scan to segment: ``name`` (the output stem), ``source`` (file or DICOM folder), ``kind``, and for
+    a DICOM folder the SeriesInstanceUID of the chosen ``series``."""
 
     name: str
     source: Path
     kind: str
+    series: str | None = None
 
 
 def _stem(path: Path) -> str:
@@ -73,7 +94,7 @@ def _is_nifti(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
 
 
-def find_scans(inputs: Sequence[str | Path]) -> list[Scan]:
+def find_scans(inputs: Sequence[str | Path], series: str | None = None) -> list[Scan]:
     """Expand the command line's inputs into scans.
 
     A NIfTI file is one scan; a folder holding NIfTI files gives each of them (sorted by name, numbers by
@@ -81,7 +102,8 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Scan]:
 
     Every NIfTI scan's header then passes the input gate (:func:`aqcf.data.gate.read_header`: one 3D
     volume, a valid affine, an uncompressed file as long as its header says); the voxels are checked
-    when each scan is read for segmentation (complete file, finite values).
+    when each scan is read for segmentation (complete file, finite values). A DICOM folder's series are
+    listed (:func:`aqcf.inference.dicom.choose_series`): one series, or the one ``series`` names.
 
     Raises:
         AqcfError: a missing input, a file that is not NIfTI, a folder with neither, two scans with
@@ -89,7 +111,7 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Scan]:
             named in one :class:`aqcf.data.gate.CaseErrors`).
     """
     from aqcf.data.cohorts import natural_key
-    from aqcf.inference.dicom import is_dicom_folder
+    from aqcf.inference.dicom import choose_series, is_dicom_folder
 
     scans: list[Scan] = []
     for given in inputs:
@@ -104,11 +126,13 @@ def find_scans(inputs: Sequence[str | Path]) -> list[Scan]:
             if files:
                 scans += [Scan(_stem(p), p, NIFTI) for p in files]
             elif is_dicom_folder(path):
-                scans.append(Scan(path.resolve().name, path, DICOM))
+                scans.append(Scan(path.resolve().name, path, DICOM, choose_series(path, series).uid))
             else:
                 raise AqcfError(f"{path}: holds neither NIfTI files (.nii, .nii.gz) nor DICOM files")
         else:
             raise AqcfError(f"{path}: no such file or folder")
+    if series is not None and not any(scan.kind == DICOM for scan in scans):
+        raise AqcfError(f"--series {series}: no input is a DICOM folder")
     seen: dict[str, Path] = {}
     for scan in scans:
         if scan.name in seen:
@@ -134,8 +158,19 @@ def _check_headers(scans: Sequence[Scan]) -> None:
     CaseErrors.raise_if_any(problems, total=len(scans), what="scans")
 
 
-def output_paths(scan: Scan, out_dir: str | Path, suffix: str = DEFAULT_SUFFIX, png: bool = False) -> dict[str, Path]:
-    """``{"mask": .nii.gz, "json": .json[, "png": .png]}`` paths of one scan's outputs, all inside ``out_dir``.
+def output_paths(
+    scan: Scan,
+    out_dir: str | Path,
+    suffix: str = DEFAULT_SUFFIX,
+    png: bool = False,
+    probabilities: bool = False,
+    dicom_seg: bool = False,
+) -> dict[str, Path]:
+    """Paths of one scan's outputs, all inside ``out_dir``.
+
+    ``{"mask": .nii.gz, "json": .json}``, plus ``"png"`` (``png``), ``"probabilities"``
+    (``_probabilities.npz``, with ``probabilities``) and, for a DICOM scan with ``dicom_seg``,
+    ``"dicom_seg"`` (``.dcm``).
 
     Raises:
         AqcfError: ``suffix`` holds a path separator (the outputs would leave ``out_dir``).
@@ -144,18 +179,71 @@ def output_paths(scan: Scan, out_dir: str | Path, suffix: str = DEFAULT_SUFFIX, 
     paths = {"mask": child_path(out_dir, base + ".nii.gz"), "json": child_path(out_dir, base + ".json")}
     if png:
         paths["png"] = child_path(out_dir, base + ".png")
+    if probabilities:
+        paths["probabilities"] = child_path(out_dir, base + PROBABILITIES_SUFFIX)
+    if dicom_seg and scan.kind == DICOM:
+        paths["dicom_seg"] = child_path(out_dir, base + ".dcm")
     return paths
 
 
+def is_complete(paths: dict[str, Path]) -> bool:
+    """Whether every output of a scan exists and reads back whole (what ``--continue`` skips).
+
+    The mask is read to its end through the input gate (:func:`aqcf.data.gate.load_label`: complete
+    file, labels 0/1/2), the JSON must parse, the probabilities file must hold its array, a DICOM
+    Segmentation must parse with pydicom; a PNG only has to exist.
+    """
+    from aqcf.data.gate import load_label
+
+    if not all(path.is_file() for path in paths.values()):
+        return False
+    try:
+        load_label(paths["mask"])
+        json.loads(paths["json"].read_text())
+        if "probabilities" in paths:
+            with np.load(paths["probabilities"]) as stored:
+                if not np.isfinite(stored[PROBABILITIES_KEY]).all():
+                    return False
+        if "dicom_seg" in paths:
+            import pydicom
+
+            if "PixelData" not in pydicom.dcmread(paths["dicom_seg"]):
+                return False
+    except Exception:  # any unreadable output means: redo the scan
+        return False
+    return True
+
+
 def _check_outputs(
-    scans: Sequence[Scan], out_dir: Path, suffix: str, png: bool, overwrite: bool, inputs: Sequence = ()
-) -> None:
-    """Every output of every scan may be written (:func:`aqcf.io.check_output`), before any work starts."""
+    scans: Sequence[Scan],
+    out_dir: Path,
+    suffix: str,
+    png: bool,
+    overwrite: bool,
+    inputs: Sequence = (),
+    probabilities: bool = False,
+    dicom_seg: bool = False,
+    resume: bool = False,
+) -> list[Scan]:
+    """Every output of every scan may be written (:func:`aqcf.io.check_output`), before any work starts.
+
+    Returns:
+        The scans to segment: all of them, or with ``resume`` those whose outputs are not complete
+        (:func:`is_complete`); their incomplete outputs may be replaced.
+    """
     check_output(out_dir, kind="cache")  # a folder, or one that can be made
     sources = [scan.source for scan in scans] + list(inputs)
+    todo = []
     for scan in scans:
-        for path in output_paths(scan, out_dir, suffix, png).values():
-            check_output(path, inputs=sources, overwrite=overwrite)
+        paths = output_paths(scan, out_dir, suffix, png, probabilities, dicom_seg)
+        for path in paths.values():
+            check_output(path, inputs=sources, overwrite=True)  # outputs never replace inputs
+        if resume and is_complete(paths):
+            continue
+        for path in paths.values():
+            check_output(path, inputs=sources, overwrite=overwrite or resume)
+        todo.append(scan)
+    return todo
 
 
 def write_mask(path: str | Path, labels: np.ndarray, reference: nib.spatialimages.SpatialImage) -> Path:
@@ -182,20 +270,35 @@ def write_mask(path: str | Path, labels: np.ndarray, reference: nib.spatialimage
 
 
 @contextlib.contextmanager
-def _opened(scan: Scan) -> Iterator[tuple[Path, nib.spatialimages.SpatialImage]]:
-    """The scan as ``(NIfTI path, nibabel image)``; a DICOM series is converted in a temporary folder."""
+def _opened(scan: Scan) -> Iterator[tuple[Path, nib.spatialimages.SpatialImage, list | None]]:
+    """The scan as ``(NIfTI path, nibabel image, DICOM slices in volume order or None)``; a DICOM series is
+    converted in a temporary folder."""
     if scan.kind == NIFTI:
         try:
             image = nib.load(os.fspath(scan.source))
         except Exception as err:  # nibabel raises many types for a damaged file
             raise AqcfError(f"{scan.source}: unreadable NIfTI file ({str(err).strip().splitlines()[0]})") from err
-        yield scan.source, image
+        yield scan.source, image, None
         return
-    from aqcf.inference.dicom import dicom_series_to_nifti
+    from aqcf.inference.dicom import dicom_series_to_nifti, read_series_slices
 
+    volume, affine, slices = read_series_slices(scan.source, scan.series)
     with tempfile.TemporaryDirectory(prefix="aqcf-dicom-") as tmp:
         path = Path(tmp) / f"{scan.name}.nii.gz"
-        yield path, dicom_series_to_nifti(scan.source, path)
+        yield path, dicom_series_to_nifti(scan.source, path, volume=(volume, affine)), slices
+
+
+def write_probabilities(path: str | Path, probabilities: np.ndarray) -> Path:
+    """Write (C, X, Y, Z) float16 probabilities atomically as a compressed ``.npz`` (key ``probabilities``).
+
+    Read back with ``np.load(path)["probabilities"]``: channel i is label i's probability, on the
+    scan's voxel grid in its stored axis order (the mask's grid).
+    """
+    from aqcf.io import atomic_path
+
+    with atomic_path(path, suffix=".npz") as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **{PROBABILITIES_KEY: np.asarray(probabilities, dtype=np.float16)})
+    return Path(path)
 
 
 def _overlay(path: Path, reference, labels: np.ndarray, title: str) -> None:
@@ -227,42 +330,63 @@ def segment_scans(
     overwrite: bool = False,
     png: bool = False,
     progress: bool = True,
+    probabilities: bool = False,
+    postprocessing: str = "none",
+    dicom_seg: bool = False,
+    resume: bool = False,
 ) -> list[dict]:
     """Segment each scan, write its mask, measures JSON and (optionally) overlay, print one line each.
 
     Args:
         scans: from :func:`find_scans`.
-        predictor: an :class:`aqcf.inference.predictor.Predictor`.
+        predictor: an :class:`aqcf.inference.predictor.Predictor` or
+            :class:`aqcf.inference.ensemble.EnsemblePredictor`.
         modality: ``"ct"`` or ``"mri"`` (one for all scans).
         out_dir: output folder (created).
         suffix: appended to each scan's stem in the output names.
         overwrite: replace existing outputs; otherwise any existing one is an error before work starts.
         png: also write an overlay PNG per scan.
         progress: show a progress bar over scans.
+        probabilities: also write the softmax (:func:`write_probabilities`), before post-processing.
+        postprocessing: one of :data:`aqcf.inference.postprocess.POSTPROCESSING`, applied to the mask.
+        dicom_seg: for a DICOM scan, also write a DICOM Segmentation (:mod:`aqcf.inference.dicom_seg`).
+        resume: skip scans whose outputs are complete (:func:`is_complete`), redo the others.
 
     Returns:
-        The JSON records written, one per scan.
+        The JSON records written, one per scan segmented.
     """
     from tqdm.auto import tqdm
 
     from aqcf.inference.measures import format_measures, scan_measures
+    from aqcf.inference.postprocess import postprocess
     from aqcf.io import write_text_atomic
 
     modality = predictor.check_modality(modality)
     out_dir = Path(out_dir)
-    _check_outputs(scans, out_dir, suffix, png, overwrite)
+    todo = _check_outputs(scans, out_dir, suffix, png, overwrite, (), probabilities, dicom_seg, resume)
+    for scan in scans:
+        if scan not in todo:
+            print(f"{scan.name}: complete, skipped (--continue)", file=sys.stdout)
     records = []
-    for scan in tqdm(scans, desc="aqcf segment", unit="scan", disable=not progress, file=sys.stderr):
+    for scan in tqdm(todo, desc="aqcf segment", unit="scan", disable=not progress, file=sys.stderr):
         start = time.perf_counter()
-        paths = output_paths(scan, out_dir, suffix, png)
-        with _opened(scan) as (nifti, reference):
-            result = predictor.segment_file(nifti, modality)
+        paths = output_paths(scan, out_dir, suffix, png, probabilities, dicom_seg)
+        with _opened(scan) as (nifti, reference, slices):
+            result = predictor.segment_file(nifti, modality, probabilities=probabilities)
+            result.labels = postprocess(result.labels, postprocessing)
             if not np.allclose(result.record["original_affine"], reference.affine, atol=AFFINE_TOLERANCE_MM):
                 warnings.warn(
                     f"{scan.source}: the affine read for preprocessing differs from the NIfTI header's "
                     "(sform with shear?); the mask is written with the header's",
                     stacklevel=2,
                 )
+            if probabilities:
+                write_probabilities(paths["probabilities"], result.probabilities)
+            if "dicom_seg" in paths:
+                from aqcf.inference.dicom_seg import write_dicom_seg
+
+                write_dicom_seg(paths["dicom_seg"], result.labels, slices)
+            # the mask last: --continue takes a scan whose mask reads back whole as done
             write_mask(paths["mask"], result.labels, reference)
             measures = scan_measures(result.labels, reference.affine)
             if png:
@@ -276,7 +400,9 @@ def segment_scans(
             "shape": [int(n) for n in result.labels.shape],
             "spacing_mm": [float(s) for s in np.linalg.norm(np.asarray(reference.affine)[:3, :3], axis=0)],
             **measures,
-            "inference": predictor.settings(),
+            "inference": {**predictor.settings(), "postprocessing": postprocessing},
+            **({"probabilities": str(paths["probabilities"])} if probabilities else {}),
+            **({"dicom_seg": str(paths["dicom_seg"])} if "dicom_seg" in paths else {}),
             "seconds": {k: round(v, 3) for k, v in seconds.items()},
         }
         write_text_atomic(paths["json"], _json_text(record))
@@ -297,13 +423,21 @@ def _parser() -> argparse.ArgumentParser:
         "largest tumor diameter (mm). See docs/inference.md.",
     )
     p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="NIfTI file, folder of NIfTI files, or DICOM series folder"
+        "inputs", nargs="*", metavar="INPUT", help="NIfTI file, folder of NIfTI files, or DICOM series folder"
     )
+    p.add_argument("-i", dest="more_inputs", nargs="+", action="extend", default=[], metavar="INPUT",
+                   help="inputs, as nnUNetv2_predict takes them (added to the positional ones)")
     p.add_argument("--modality", required=True, choices=MODALITIES, help="modality of every input")
     p.add_argument(
-        "--ckpt", required=True, help="checkpoint written by `aqcf fit` (e.g. runs/NAME/fold0/checkpoints/best.ckpt)"
+        "--ckpt", nargs="+", help="checkpoint written by `aqcf fit` (e.g. runs/NAME/fold0/checkpoints/best.ckpt); "
+        "several, or a run folder (every fold*/checkpoints/best.ckpt in it), make an ensemble: the mean of their "
+        "softmax, each model on its own sliding window; they must agree on preprocessing, classes and modalities"
     )
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help="torch (default) runs the checkpoints; "
+                   "onnxruntime runs the --onnx models written by `aqcf export` with the settings file beside each")
+    p.add_argument("--onnx", nargs="+", metavar="MODEL", help="with --backend onnxruntime: model.onnx file(s) "
+                   "written by `aqcf export` (preprocessing and window from model.onnx.json; several average)")
+    p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--suffix", default=DEFAULT_SUFFIX, help="appended to each scan's stem in the output names "
                    f"(default {DEFAULT_SUFFIX!r}; '' gives <stem>.nii.gz, the names `aqcf evaluate` matches)")
     p.add_argument("--overlap", type=float, help="sliding-window overlap in [0, 1) (default: the checkpoint's, 0.8 "
@@ -316,11 +450,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation: average over the 8 flips of "
                    "the three axes (8x slower)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="default auto: CUDA if available")
+    p.add_argument("--absent-context", default=None, choices=("zero-filled", "off"), help="context from the absent "
+                   "modality's stream: zero-filled (eq. 17, default: the checkpoint's setting) or off (the A-QCF "
+                   "gates from the absent stream set to 0 at every stage, eq. 10)")
     p.add_argument("--stitch-on-cpu", action="store_true", help="keep the stitched volume in CPU memory (windows "
                    "still run on the GPU): large volumes then need GPU memory for one window batch only")
     p.add_argument("--precision", default="32", choices=("32", "bf16", "16"), help="network precision (autocast; "
                    "16 needs CUDA); default 32")
     p.add_argument("--png", action="store_true", help="also write <stem>_seg.png: axial overlays")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <stem>_seg_probabilities.npz: "
+                   "the softmax as float16 (C, X, Y, Z) on the scan's grid, key 'probabilities', before --postprocess")
+    p.add_argument("--postprocess", default="none", choices=POSTPROCESSING, help="largest-liver: keep the largest "
+                   "26-connected liver component (labels 1 and 2) and drop everything outside it; default none")
+    p.add_argument("--series", metavar="UID", help="SeriesInstanceUID of the series to segment in a DICOM folder "
+                   "holding several (without it such a folder is an error that lists them)")
+    p.add_argument("--dicom-seg", action="store_true", help="for a DICOM input also write <stem>_seg.dcm: a DICOM "
+                   "Segmentation (binary; segments liver = labels 1+2 and tumor = label 2) referencing the source "
+                   "slices (needs pip install 'aqcf[dicom]')")
+    p.add_argument("--continue", dest="resume", action="store_true", help="skip scans whose outputs exist and "
+                   "read back whole; redo (replace) the incomplete ones")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -328,23 +476,50 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf segment``: returns the exit code."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from aqcf.inference.ensemble import EnsemblePredictor, checkpoint_paths
     from aqcf.inference.predictor import Predictor, load_checkpoint_info
 
-    load_checkpoint_info(args.ckpt)  # a missing, damaged or foreign checkpoint fails before the inputs are read
-    scans = find_scans(args.inputs)
-    _check_outputs(scans, Path(args.out), args.suffix, args.png, args.overwrite, inputs=[args.ckpt])
-    predictor = Predictor.from_checkpoint(
-        args.ckpt,
-        device=args.device,
-        precision=args.precision,
-        tta=args.tta,
-        roi_size=args.window,
-        overlap=args.overlap,
-        batch_size=args.sw_batch_size,
-        mode=args.blend,
-        stitch_on_cpu=args.stitch_on_cpu,
-    )
+    inputs = [*args.inputs, *args.more_inputs]
+    if not inputs:
+        parser.error("give at least one INPUT (positional or -i)")
+    if args.backend == "torch":
+        if not args.ckpt or args.onnx:
+            parser.error("--backend torch needs --ckpt (and no --onnx)")
+        models = checkpoint_paths(args.ckpt)
+        for path in models:
+            load_checkpoint_info(path)  # a missing, damaged or foreign checkpoint fails before the inputs are read
+    else:
+        if not args.onnx or args.ckpt:
+            parser.error("--backend onnxruntime needs --onnx (and no --ckpt: the settings come from model.onnx.json)")
+        models = [Path(path) for path in args.onnx]
+    if args.dicom_seg:
+        from aqcf.inference.dicom_seg import require_highdicom
+
+        require_highdicom()
+    scans = find_scans(inputs, series=args.series)
+    extra = dict(probabilities=args.save_probabilities, dicom_seg=args.dicom_seg, resume=args.resume)
+    _check_outputs(scans, Path(args.out), args.suffix, args.png, args.overwrite, models, **extra)
+    window = dict(roi_size=args.window, overlap=args.overlap, batch_size=args.sw_batch_size, mode=args.blend,
+                  stitch_on_cpu=args.stitch_on_cpu)
+    if args.backend == "torch":
+        predictors = [
+            Predictor.from_checkpoint(path, device=args.device, precision=args.precision, tta=args.tta, **window)
+            for path in models
+        ]
+        if args.absent_context is not None:
+            for one in predictors:
+                if not hasattr(one.network, "absent_context"):
+                    parser.error(f"--absent-context: the network of {one.source} has no A-QCF blocks")
+                one.network.absent_context = args.absent_context
+    else:
+        if args.absent_context is not None:
+            parser.error("--absent-context needs --backend torch (an exported graph has its setting built in)")
+        from aqcf.inference.onnx_backend import onnx_predictor
+
+        predictors = [onnx_predictor(path, tta=args.tta, **window) for path in models]
+    predictor = predictors[0] if len(predictors) == 1 else EnsemblePredictor(predictors)
     segment_scans(
         scans,
         predictor,
@@ -354,5 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         png=args.png,
         progress=not args.no_progress,
+        postprocessing=args.postprocess,
+        **extra,
     )
     return 0
