@@ -69,6 +69,25 @@ def test_write_gate_table(tmp_path):
         write_gate_table([], tmp_path)
 
 
+def test_gate_table_with_the_absent_stream_context(tmp_path):
+    context = GateRecorder()
+    # RMS of λ·C per case: CT cases see MRI->CT context, MRI cases CT->MRI
+    context.update({"stage1/mri_to_ct": torch.tensor([4.0]), "stage2/mri_to_ct": torch.tensor([1.0])})
+    context.update({"stage1/mri_to_ct": torch.tensor([2.0]), "stage2/mri_to_ct": torch.tensor([3.0])})
+    context.update({"stage1/ct_to_mri": torch.tensor([0.5])})
+    md, csv_path = write_gate_table(_recorder().table(), tmp_path, context=context.table())
+    text = md.read_text()
+    # medians of (2, 4) and (1, 3); quartiles at 0.25 and 0.75 of the way
+    assert "| Stage 1 | 3 [2.5, 3.5] (n=2) | 0.5 [0.5, 0.5] (n=1) |" in text
+    assert "| Stage 2 | 2 [1.5, 2.5] (n=2) | — |" in text
+    with csv_path.open() as handle:
+        rows = {(r["stage"], r["direction"]): r for r in csv.DictReader(handle)}
+    assert float(rows[("1", "mri_to_ct")]["absent_context_rms_median"]) == 3.0
+    assert int(rows[("1", "ct_to_mri")]["absent_context_rms_n"]) == 1
+    assert rows[("2", "ct_to_mri")]["absent_context_rms_median"] == ""  # stage 2 CT->MRI: no MRI context row
+    assert float(rows[("1", "mri_to_ct")]["median"]) == 0.5  # λ columns unchanged
+
+
 @pytest.mark.parametrize("source", ["recorder", "rows"])
 def test_plot_gates(tmp_path, source):
     recorder = _recorder()

@@ -207,3 +207,20 @@ def test_context_rms_is_the_rms_of_the_gated_context():
     hook.remove()
     expected = gated.pow(2).flatten(1).mean(1).sqrt()
     torch.testing.assert_close(net.last_context_rms["stage2/mri_to_ct"], expected)
+
+
+@pytest.mark.parametrize("mode", ["off", "zero-filled", None])
+def test_segment_passes_absent_context_to_the_network(mode, tiny_run, tiny_phantoms, tmp_path, monkeypatch):
+    seen = []
+    encode = AQCFNet._encode
+
+    def spy(self, ct, mri, absent=None):
+        seen.append(absent)
+        return encode(self, ct, mri, absent)
+
+    monkeypatch.setattr(AQCFNet, "_encode", spy)
+    args = ["segment", str(tiny_phantoms / "LiTS" / "volume-0.nii"), "--modality", "ct",
+            "--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--out", str(tmp_path), "--overlap", "0",
+            "--no-progress", *(["--absent-context", mode] if mode else [])]
+    assert main(args) == 0
+    assert seen and set(seen) == {"mri" if mode == "off" else None}  # the MRI stream is the absent one

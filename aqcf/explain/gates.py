@@ -6,6 +6,12 @@ After each forward pass the network records its gates as a dict
 set; :meth:`GateRecorder.table` gives the median and interquartile range per stage and direction, as
 Table 6 reports them; :func:`write_gate_table` writes it as Markdown and CSV; :func:`plot_gates` draws
 a box plot per stage and direction.
+
+The same recorder also collects the network's ``last_context_rms`` from unimodal passes (eq. 17): the
+RMS of the gated context ``λ · C_raw`` the present stream receives from the zero-filled absent stream.
+That stream is not zero inside the network (norm shifts, and the other direction fills it with the
+present stream's features), so the context is not zero either; :func:`write_gate_table` puts these
+magnitudes beside λ.
 """
 
 from __future__ import annotations
@@ -27,7 +33,15 @@ from aqcf.errors import AqcfError
 from aqcf.io import write_text_atomic
 from aqcf.visualize import save_figure
 
-__all__ = ["DIRECTIONS", "GateRow", "GateRecorder", "gate_rows", "write_gate_table", "plot_gates"]
+__all__ = [
+    "DIRECTIONS",
+    "GateRow",
+    "GateRecorder",
+    "gate_rows",
+    "absent_context_key",
+    "write_gate_table",
+    "plot_gates",
+]
 
 # Table 6's column order; the first direction lets MRI features into the CT stream.
 DIRECTIONS = ("mri_to_ct", "ct_to_mri")
@@ -102,6 +116,11 @@ def _order(key: tuple[int, str]) -> tuple[int, int]:
     return key[0], DIRECTIONS.index(key[1])
 
 
+def absent_context_key(key: str, present: str) -> bool:
+    """Whether ``"stage{s}/{direction}"`` is the direction from the absent stream into ``present``."""
+    return _parse_key(key)[1] == ("mri_to_ct" if present == "ct" else "ct_to_mri")
+
+
 def gate_rows(values: Mapping[tuple[int, str], Sequence[float]]) -> list[GateRow]:
     """Table 6 rows from raw values: ``(stage, direction)`` -> λ values."""
     rows = []
@@ -114,8 +133,15 @@ def gate_rows(values: Mapping[tuple[int, str], Sequence[float]]) -> list[GateRow
     return rows
 
 
+_CONTEXT_COLUMNS = ("absent_context_rms_n", "absent_context_rms_median", "absent_context_rms_q1",
+                    "absent_context_rms_q3")
+
+
 def write_gate_table(
-    rows: Sequence[GateRow], out_dir: str | os.PathLike, digits: int = 2
+    rows: Sequence[GateRow],
+    out_dir: str | os.PathLike,
+    digits: int = 2,
+    context: Sequence[GateRow] | None = None,
 ) -> tuple[Path, Path]:
     """Write Table 6 as ``gates.md`` (Median [Q1, Q3] per stage and direction) and ``gates.csv``.
 
@@ -123,6 +149,9 @@ def write_gate_table(
         rows: from :meth:`GateRecorder.table`.
         out_dir: output folder (created).
         digits: decimals in the Markdown table (the CSV keeps full precision).
+        context: optional rows of the RMS of ``λ · C_raw`` from the zero-filled absent stream in
+            unimodal passes (one value per case); added as a second Markdown table and as the
+            ``absent_context_rms_*`` columns of the CSV (empty where not measured).
 
     Returns:
         (Markdown path, CSV path).
@@ -133,9 +162,12 @@ def write_gate_table(
     out.mkdir(parents=True, exist_ok=True)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(GateRow._fields)
+    by_context = {(row.stage, row.direction): row for row in context or ()}
+    writer.writerow(GateRow._fields + (_CONTEXT_COLUMNS if context else ()))
     for row in rows:
-        writer.writerow(row)
+        extra = by_context.get((row.stage, row.direction))
+        cells = ("",) * len(_CONTEXT_COLUMNS) if extra is None else (extra.n, extra.median, extra.q1, extra.q3)
+        writer.writerow(tuple(row) + (cells if context else ()))
     write_text_atomic(out / "gates.csv", buffer.getvalue())
 
     by_key = {(row.stage, row.direction): row for row in rows}
@@ -155,6 +187,21 @@ def write_gate_table(
                 else f"{row.median:.{digits}f} [{row.q1:.{digits}f}, {row.q3:.{digits}f}] (n={row.n})"
             )
         lines.append(f"| Stage {stage} | " + " | ".join(cells) + " |")
+    if context:
+        lines += [
+            "",
+            "Context from the zero-filled absent stream (unimodal pass, eq. 17): RMS of λ · C_raw added to the "
+            "present stream, Median [Q1, Q3] (n cases); MRI → CT on CT cases, CT → MRI on MRI cases",
+            "",
+            "| Encoder stage | " + " | ".join(DIRECTION_LABELS[d] for d in DIRECTIONS) + " |",
+            "|---|" + "---|" * len(DIRECTIONS),
+        ]
+        for stage in sorted({row.stage for row in context}):
+            cells = []
+            for direction in DIRECTIONS:
+                row = by_context.get((stage, direction))
+                cells.append("—" if row is None else f"{row.median:.3g} [{row.q1:.3g}, {row.q3:.3g}] (n={row.n})")
+            lines.append(f"| Stage {stage} | " + " | ".join(cells) + " |")
     write_text_atomic(out / "gates.md", "\n".join(lines) + "\n")
     return out / "gates.md", out / "gates.csv"
 

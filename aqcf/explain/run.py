@@ -274,6 +274,11 @@ def _summary_markdown(summary: Mapping, band_mm: float) -> str:
                          + " | ".join(cells) + f" | {n} |")
     gates = summary.get("gates")
     lines += ["", f"Gates (Table 6): {'see gates.md' if gates and gates.get('pairs') else gates.get('skipped')}", ""]
+    context = gates.get("absent_context_rms") if gates else None
+    if context:
+        lines.append("Context from the zero-filled absent stream (RMS of λ · C_raw, median over cases): "
+                     + ", ".join(f"stage {r['stage']} {r['direction']} {r['median']:.3g}" for r in context))
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from aqcf.explain.features import feature_maps, plot_feature_maps
-    from aqcf.explain.gates import GateRecorder, plot_gates, write_gate_table
+    from aqcf.explain.gates import GateRecorder, absent_context_key, plot_gates, write_gate_table
     from aqcf.explain.metrics import saliency_metrics, summarise_saliency
     from aqcf.explain.saliency import (
         METHOD_LABELS,
@@ -403,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     saliency_panels: dict[str, list[dict]] = {m: [] for m in cases}
     feature_panels: dict[str, list[dict]] = {m: [] for m in cases}
     bar = tqdm(total=sum(len(c) for c in cases.values()), desc="explain", unit="case", disable=not progress)
+    # what the present stream receives from the zero-filled absent stream on the unimodal path (eq. 17)
+    context_recorder = GateRecorder()
+    measure_context = getattr(network, "cross_fusion", False) and hasattr(network, "last_context_rms")
     for m, modality_cases in cases.items():
         shown = set(_figure_ids(modality_cases, args.figure_cases))
         with TumorSaliency(network, m, layers[m], region=args.region) as explain:
@@ -411,6 +419,12 @@ def main(argv: list[str] | None = None) -> int:
                 image_w, label_w, window = extract_window(image, label, window_size, network.divisor)
                 x = torch.from_numpy(np.ascontiguousarray(image_w))[None, None].to(device)
                 tumor = label_w == TUMOR_CLASS
+                if measure_context:
+                    with torch.no_grad():
+                        network.forward_single(x, m, absent_context="zero-filled")
+                    context_recorder.update(
+                        {k: v for k, v in network.last_context_rms.items() if absent_context_key(k, m)}
+                    )
                 maps = {}
                 for method in methods:
                     saliency = explain(x, method)[0].cpu().numpy()
@@ -451,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Table 6: joint passes on real CT and MRI windows (the gates need both streams)
     gates: dict = {"pairs": 0}
+    context_rows = context_recorder.table()
+    if context_rows:
+        gates["absent_context_rms"] = [row._asdict() for row in context_rows]
     pairs = pair_cases(cases.get(CT, []), cases.get(MRI, []))
     if args.no_gates:
         gates["skipped"] = "--no-gates"
@@ -467,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
                 network(ct_x, mri_x)
                 recorder.update(network.last_gates)
         gate_rows = recorder.table()
-        write_gate_table(gate_rows, out)
+        write_gate_table(gate_rows, out, context=context_rows)
         plot_gates(recorder, out / "gates.png", title=f"Adaptive gates λ over {len(pairs)} CT-MRI window pairs")
         gates.update(pairs=len(pairs), pairing="i-th CT case with i-th MRI case, shorter list cycled",
                      rows=[row._asdict() for row in gate_rows])
