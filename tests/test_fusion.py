@@ -117,3 +117,28 @@ def test_invalid_settings_raise():
         AQCFBlock(6)
     with pytest.raises(ValueError, match="differ in shape"):
         AQCFBlock(CHANNELS)(features(2), features(3))
+
+
+def test_context_off_ignores_the_source_and_gives_qconv_out_of_features_and_zeros():
+    block = AQCFBlock(CHANNELS).eval()
+    f_ct, f_mri = features(), features() * 3  # a non-zero "absent" stream
+    with torch.no_grad():
+        f_ct_new, f_mri_new, gate_mri_to_ct, gate_ct_to_mri = block(f_ct, f_mri, absent="mri")
+        expected = block.mri_to_ct.qconv_out(per_component_concat(f_ct, torch.zeros_like(f_ct)))
+        torch.testing.assert_close(f_ct_new, expected, rtol=0, atol=0)
+        assert torch.equal(gate_mri_to_ct, torch.zeros(2, 1, 1, 1, 1))
+        assert torch.equal(block.last_context_rms["mri_to_ct"], torch.zeros(2))
+        # the other direction is untouched
+        torch.testing.assert_close(f_mri_new, block.ct_to_mri(f_mri, f_ct)[0], rtol=0, atol=0)
+        assert bool((block.last_context_rms["ct_to_mri"] > 0).all())
+
+
+def test_shared_weights_hold_one_direction_and_out_kernel_one_is_pointwise():
+    separate = AQCFBlock(CHANNELS)
+    shared = AQCFBlock(CHANNELS, weights="shared", out_kernel=1)
+    n_separate = sum(p.numel() for p in separate.parameters())
+    n_shared = sum(p.numel() for p in shared.parameters())
+    # QConv_out 8C -> 4C real channels: 4·(2c)·c·k³ weights with c = 2 quaternion channels, k = 3 vs 1
+    assert n_separate // 2 - n_shared == 4 * 4 * 2 * (27 - 1)
+    assert shared.direction("mri_to_ct") is shared.direction("ct_to_mri")
+    assert tuple(shared.transfer.qconv_out[0].kernel_size) == (1, 1, 1)
