@@ -10,6 +10,8 @@ preprocessed volumes, one at a time, CT cases first.
 
 from __future__ import annotations
 
+import contextlib
+import random
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -49,6 +51,17 @@ def preprocess_settings_from_hparams(hparams, modality: str) -> PreprocessSettin
         spacing=tuple(hparams[f"{modality}_spacing"]) if f"{modality}_spacing" in hparams else None,
         pad_multiple=hparams.get("pad_multiple"),
     )
+
+
+@contextlib.contextmanager
+def _numpy_state_kept():
+    """Restore NumPy's and Python's global random states on exit."""
+    state, py_state = np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+        random.setstate(py_state)
 
 
 def _distributed() -> tuple[int, int]:
@@ -271,6 +284,12 @@ class UnpairedDataModule(L.LightningDataModule):
 
     def _manifest(self, modality: str, root: str, fmt: str, verify: str = "size") -> Manifest:
         cases = read_cohort(root, fmt, modality)
+        # Preprocessing a new cache must not consume the seeded random state: a run that builds the cache
+        # and one that reuses it then draw the same patches.
+        with torch.random.fork_rng(devices=[]), _numpy_state_kept():
+            return self._preprocess(cases, modality, fmt, verify)
+
+    def _preprocess(self, cases, modality: str, fmt: str, verify: str) -> Manifest:
         return preprocess_cohort(
             cases,
             self.preprocess_settings(modality),

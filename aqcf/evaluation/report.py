@@ -48,6 +48,7 @@ __all__ = [
 
 SUMMARY_NAME = "summary.json"
 FOLD_PATTERN = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
+SEED_PATTERN = re.compile(r"^seed[_-]?(\d+)$", re.IGNORECASE)
 CLASSES = tuple(CLASS_LABELS)
 ALPHA = 0.05
 DEFAULT_FOLDS = 5  # the paper's five-fold cross-validation
@@ -64,6 +65,7 @@ class Run:
     path: Path
     folds: dict[str, dict] = field(default_factory=dict)  # fold key -> {modality: {class: {...}}}
     sources: dict[str, list[Path]] = field(default_factory=dict)  # fold key -> summary files
+    protocols: set[str] = field(default_factory=set)  # validation protocols named by the summaries
 
 
 def parse_run_spec(spec: str) -> tuple[str, Path]:
@@ -78,14 +80,20 @@ def parse_run_spec(spec: str) -> tuple[str, Path]:
 
 
 def _fold_key(relative_dir: Path) -> str:
+    """The unit a summary belongs to: ``fold3``, or ``fold3/seed1`` below a ``seed1`` folder (seed 0 and
+    runs without seeds: the fold alone), so runs pair on matched (fold, seed) units."""
+    fold = seed = None
     for part in relative_dir.parts:
-        match = FOLD_PATTERN.match(part)
-        if match:
-            return f"fold{int(match.group(1))}"
-    return relative_dir.as_posix()
+        if fold is None and (match := FOLD_PATTERN.match(part)):
+            fold = f"fold{int(match.group(1))}"
+        if seed is None and (match := SEED_PATTERN.match(part)):
+            seed = int(match.group(1))
+    if fold is None:
+        return relative_dir.as_posix()
+    return fold if not seed else f"{fold}/seed{seed}"
 
 
-def load_run(name: str, path: str | Path, pattern: str = f"**/{SUMMARY_NAME}") -> Run:
+def load_run(name: str, path: str | Path, pattern: str | Sequence[str] = f"**/{SUMMARY_NAME}") -> Run:
     """Collect the fold summaries below ``path``.
 
     Args:
@@ -99,14 +107,16 @@ def load_run(name: str, path: str | Path, pattern: str = f"**/{SUMMARY_NAME}") -
     path = Path(path)
     if not path.is_dir():
         raise AqcfError(f"{path}: run folder not found")
-    files = sorted(p for p in path.glob(pattern) if p.is_file())
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    files = sorted({p for pat in patterns for p in path.glob(pat) if p.is_file()})
     if not files:
-        raise AqcfError(f"{path}: no {pattern} below this run folder")
+        raise AqcfError(f"{path}: no {' or '.join(patterns)} below this run folder")
     run = Run(name=name, path=path)
     for file in files:
         try:
             summary = json.loads(file.read_text())
             per_modality = summary["per_modality"]
+            protocol = (summary.get("source") or {}).get("protocol")
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise AqcfError(f"{file}: not a summary written by `aqcf evaluate` ({err})") from err
         key = _fold_key(file.parent.relative_to(path))
@@ -117,6 +127,7 @@ def load_run(name: str, path: str | Path, pattern: str = f"**/{SUMMARY_NAME}") -
                 raise AqcfError(f"{file}: fold {key} already has {modality} results (from {others})")
             merged[modality] = classes
         run.sources.setdefault(key, []).append(file)
+        run.protocols.add(protocol or "unknown")
     return run
 
 
@@ -215,7 +226,8 @@ def significance_table(
                     if np.all(x == y):
                         statistic, p = 0.0, 1.0
                     else:
-                        result = wilcoxon(x, y, alternative="two-sided")
+                        # explicit: scipy's defaults for these changed across releases
+                        result = wilcoxon(x, y, zero_method="wilcox", alternative="two-sided", method="auto")
                         statistic, p = float(result.statistic), float(result.pvalue)
                     family.append({
                         "modality": modality, "class": cls, "metric": metric, "run": run.name,
@@ -430,9 +442,20 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     max_folds = max((len(run.folds) for run in runs), default=0)
+    seeded = any("/seed" in key for run in runs for key in run.folds)
+    unit = "(fold, seed) unit" if seeded else "fold"
+    protocols = sorted(set().union(*(run.protocols for run in runs)))
+    described = {"inner": "inner validation set from the training folds (the test fold untouched)",
+                 "heldout": "the held-out test fold (the paper's reading: it also selected the checkpoint)",
+                 "unknown": "not recorded (summaries written before the protocol was recorded)"}
     sections = ["# Cross-validation report", "",
-                f"Runs: {', '.join(names)}. Baseline: {baseline}. Scores per fold are the fold's per-case "
-                "means; tables show mean ± SD (sample SD, ddof 1) across folds."]
+                f"Runs: {', '.join(names)}. Baseline: {baseline}. Scores per {unit} are its per-case "
+                f"means; tables show mean ± SD (sample SD, ddof 1) across {unit}s"
+                + (" (folds × seeds; n counts them)." if seeded else "."),
+                "",
+                "Model selection (validation protocol): "
+                + "; ".join(f"{p}: {described.get(p, p)}" for p in protocols)
+                + (". **The runs were selected under different protocols.**" if len(protocols) > 1 else ".")]
     for modality in MODALITIES:
         if tables[modality]:
             sections += ["", f"## {MODALITY_TITLES[modality]}: Dice, HD95, MSD (mean ± SD across folds)", "",
@@ -444,7 +467,8 @@ def write_report(
     else:
         sections += ["No run shares folds with the baseline.", ""]
     footnote = (
-        "Two-sided Wilcoxon signed-rank test on paired fold-wise scores; mean diff. = run − baseline (Dice "
+        f"Two-sided Wilcoxon signed-rank test on paired {unit}-wise scores (n = matched {unit}s); mean diff. = "
+        "run − baseline (Dice "
         "in percentage points, distances in mm); Bonferroni: p × number of comparisons per modality, class "
         f"and metric, capped at 1; significant if the corrected p < {alpha:g}. With n paired folds the "
         "exact two-sided p-value cannot go below 2/2^n, i.e. 0.0625 for 5 folds: with 5 folds no "
@@ -486,8 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", nargs="+", default=["dice"], choices=METRICS,
                         help="metric(s) given a significance test (default: dice)")
     parser.add_argument("--alpha", type=float, default=ALPHA, help="family-wise significance level")
-    parser.add_argument("--pattern", default=f"**/{SUMMARY_NAME}",
-                        help="glob below each run selecting the fold summaries (default: **/summary.json)")
+    parser.add_argument("--pattern", nargs="+", default=[f"**/{SUMMARY_NAME}"],
+                        help="glob(s) below each run selecting the fold summaries (default: **/summary.json); a "
+                        "summary below a seedN folder is the unit (fold, seed N)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
     args = parser.parse_args(argv)
     runs = [load_run(name, path, args.pattern) for name, path in map(parse_run_spec, args.runs)]
