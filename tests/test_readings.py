@@ -4,7 +4,9 @@ absent-context switch (eq. 10 at every stage)."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 
 import pytest
 import torch
@@ -224,3 +226,20 @@ def test_segment_passes_absent_context_to_the_network(mode, tiny_run, tiny_phant
             "--no-progress", *(["--absent-context", mode] if mode else [])]
     assert main(args) == 0
     assert seen and set(seen) == {"mri" if mode == "off" else None}  # the MRI stream is the absent one
+
+
+def test_explain_reports_the_context_from_the_zero_filled_stream(tiny_run, tmp_path):
+    out = tmp_path / "explain"
+    args = ["explain", "--ckpt", str(tiny_run / "checkpoints" / "best.ckpt"), "--out", str(out), "--cases", "1",
+            "--method", "gradcam", "--no-progress"]
+    assert main(args) == 0
+    with open(out / "gates.csv", newline="") as handle:
+        rows = {(int(r["stage"]), r["direction"]): r for r in csv.DictReader(handle)}
+    for stage in (1, 2, 3, 4):
+        for direction in ("mri_to_ct", "ct_to_mri"):  # one CT case (MRI->CT), one MRI case (CT->MRI)
+            assert int(rows[(stage, direction)]["absent_context_rms_n"]) == 1
+            if stage > 1:  # block 1's other direction has filled the absent stream
+                assert float(rows[(stage, direction)]["absent_context_rms_median"]) > 0
+    assert "Context from the zero-filled absent stream" in (out / "gates.md").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["gates"]["absent_context_rms"]) == 8
