@@ -222,3 +222,32 @@ def test_predict_writes_masks_for_the_configured_cases(tiny_phantoms, tiny_run, 
         measures = json.loads((root / "predictions" / f"{case}.json").read_text())
         voxel_ml = abs(np.linalg.det(scan.affine[:3, :3])) / 1000
         assert measures["liver_volume_ml"] == pytest.approx(np.count_nonzero(labels >= 1) * voxel_ml)
+
+
+def test_onnxruntime_backend_gives_the_torch_backends_mask(tiny_phantoms, ckpt, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tmp_path / "ct.onnx"
+    assert main(["export", "--ckpt", ckpt, "--format", "onnx", "--modality", "ct", "--out", str(model),
+                 "--no-check"]) == 0
+    scan = tiny_phantoms / "LiTS" / "volume-2.nii"
+    assert main(["segment", str(scan), "--modality", "ct", "--ckpt", ckpt, "--out", str(tmp_path / "torch"),
+                 *FAST]) == 0
+    assert main(["segment", str(scan), "--modality", "ct", "--backend", "onnxruntime", "--onnx", str(model),
+                 "--out", str(tmp_path / "onnx"), *FAST]) == 0
+    torch_mask = np.asarray(nib.load(tmp_path / "torch" / "volume-2_seg.nii.gz").dataobj)
+    onnx_mask = np.asarray(nib.load(tmp_path / "onnx" / "volume-2_seg.nii.gz").dataobj)
+    assert (torch_mask > 0).any()
+    np.testing.assert_array_equal(onnx_mask, torch_mask)
+    record = json.loads((tmp_path / "onnx" / "volume-2_seg.json").read_text())
+    assert record["inference"]["checkpoint"] == str(model)
+    # the exported graph serves its one modality; a checkpoint beside --onnx is refused
+    capsys.readouterr()
+    assert main(["segment", str(scan), "--modality", "mri", "--backend", "onnxruntime", "--onnx", str(model),
+                 "--out", str(tmp_path / "mri"), *FAST]) == 2
+    assert "trained on CT only" in _one_error_line(capsys)
+    with pytest.raises(SystemExit) as info:
+        main(["segment", str(scan), "--modality", "ct", "--backend", "onnxruntime", "--onnx", str(model),
+              "--ckpt", ckpt, "--out", str(tmp_path / "both"), *FAST])
+    assert info.value.code == 2
+    assert "--backend onnxruntime needs --onnx (and no --ckpt" in _one_error_line(capsys)
