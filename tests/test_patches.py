@@ -208,3 +208,10 @@ def test_every_broken_case_of_a_cohort_is_named_and_no_manifest_is_written(tmp_p
     assert preprocess_cohort(
         cases, PreprocessSettings.default("ct"), tmp_path / "cache", progress=False, skip_bad=True
     ).ids == manifest.ids
+
+
+def test_label_probabilities_with_text_keys_as_read_back_from_json():
+    label = _label_map()
+    centres = patch_centres(class_locations(label), label.shape, (8, 8, 8))
+    out = draw_patch(np.zeros(label.shape, np.float32), label, centres, (8, 8, 8), {"0": 0.0, "1": 0.0, "2": 1.0})
+    assert out["centre_label"] == 2

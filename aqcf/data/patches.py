@@ -146,7 +146,7 @@ def patch_centres(
 
 def label_weights(available: Mapping[int, int], probabilities: Mapping[int, float]) -> dict[int, float]:
     """The configured label probabilities renormalised over the labels with a valid centre."""
-    weights = {k: float(p) for k, p in probabilities.items() if available.get(int(k), 0) > 0 and p > 0}
+    weights = {int(k): float(p) for k, p in probabilities.items() if available.get(int(k), 0) > 0 and p > 0}
     total = sum(weights.values())
     return {k: w / total for k, w in weights.items()} if total > 0 else {}
 
@@ -240,7 +240,7 @@ class DrawPatches:
 
     def __init__(self, patch_size: Sequence[int], probabilities: Mapping[int, float], samples: int):
         self.patch_size = tuple(int(n) for n in patch_size)
-        self.probabilities = dict(probabilities)
+        self.probabilities = {int(k): float(p) for k, p in probabilities.items()}  # JSON/YAML keys may be text
         self.samples = int(samples)
 
     def __call__(self, subject):
