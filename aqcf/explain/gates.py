@@ -137,6 +137,20 @@ _CONTEXT_COLUMNS = ("absent_context_rms_n", "absent_context_rms_median", "absent
                     "absent_context_rms_q3")
 
 
+def _stage_table(title: str, by_key: Mapping[tuple[int, str], GateRow], cell) -> list[str]:
+    """A Markdown table, one row per encoder stage and one column per direction, ``cell(row)`` in each."""
+    lines = [
+        title,
+        "",
+        "| Encoder stage | " + " | ".join(DIRECTION_LABELS[d] for d in DIRECTIONS) + " |",
+        "|---|" + "---|" * len(DIRECTIONS),
+    ]
+    for stage in sorted({stage for stage, _ in by_key}):
+        cells = ["—" if (stage, d) not in by_key else cell(by_key[(stage, d)]) for d in DIRECTIONS]
+        lines.append(f"| Stage {stage} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_gate_table(
     rows: Sequence[GateRow],
     out_dir: str | os.PathLike,
@@ -171,37 +185,18 @@ def write_gate_table(
     write_text_atomic(out / "gates.csv", buffer.getvalue())
 
     by_key = {(row.stage, row.direction): row for row in rows}
-    lines = [
+    lines = _stage_table(
         "Adaptive gate values λ: Median [Q1, Q3] (n values)",
-        "",
-        "| Encoder stage | " + " | ".join(DIRECTION_LABELS[d] for d in DIRECTIONS) + " |",
-        "|---|" + "---|" * len(DIRECTIONS),
-    ]
-    for stage in sorted({row.stage for row in rows}):
-        cells = []
-        for direction in DIRECTIONS:
-            row = by_key.get((stage, direction))
-            cells.append(
-                "—"
-                if row is None
-                else f"{row.median:.{digits}f} [{row.q1:.{digits}f}, {row.q3:.{digits}f}] (n={row.n})"
-            )
-        lines.append(f"| Stage {stage} | " + " | ".join(cells) + " |")
+        by_key,
+        lambda row: f"{row.median:.{digits}f} [{row.q1:.{digits}f}, {row.q3:.{digits}f}] (n={row.n})",
+    )
     if context:
-        lines += [
-            "",
+        lines += [""] + _stage_table(
             "Context from the zero-filled absent stream (unimodal pass, eq. 17): RMS of λ · C_raw added to the "
             "present stream, Median [Q1, Q3] (n cases); MRI → CT on CT cases, CT → MRI on MRI cases",
-            "",
-            "| Encoder stage | " + " | ".join(DIRECTION_LABELS[d] for d in DIRECTIONS) + " |",
-            "|---|" + "---|" * len(DIRECTIONS),
-        ]
-        for stage in sorted({row.stage for row in context}):
-            cells = []
-            for direction in DIRECTIONS:
-                row = by_context.get((stage, direction))
-                cells.append("—" if row is None else f"{row.median:.3g} [{row.q1:.3g}, {row.q3:.3g}] (n={row.n})")
-            lines.append(f"| Stage {stage} | " + " | ".join(cells) + " |")
+            by_context,
+            lambda row: f"{row.median:.3g} [{row.q1:.3g}, {row.q3:.3g}] (n={row.n})",
+        )
     write_text_atomic(out / "gates.md", "\n".join(lines) + "\n")
     return out / "gates.md", out / "gates.csv"
 
