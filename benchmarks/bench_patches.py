@@ -96,6 +96,7 @@ def _cohort_rows(root: Path, label: str, n: int, ct: dict, mri: dict, patches: i
         num_workers=0,
         progress=False,
         n_folds=n,
+        protocol="heldout",  # every non-test case trains: the patch cost is what is measured
     )
     dm.prepare_data()
     dm.setup("fit")
