@@ -57,6 +57,6 @@ def test_report_pairs_runs_on_fold_and_seed_units(tmp_path):
         folder.mkdir(parents=True)
         (folder / "summary.json").write_text(json.dumps(summary))
     run = load_run("run", tmp_path / "run", ["fold[01]/test/summary.json", "seed1/fold[01]/test/summary.json"])
-    assert sorted(run.folds) == ["fold0", "fold1", "fold0/seed1", "fold1/seed1"]
+    assert sorted(run.folds) == ["fold0", "fold0/seed1", "fold1", "fold1/seed1"]
     assert sorted(run.folds) != sorted(load_run("all", tmp_path / "run").folds)  # seed 2 only without patterns
     assert run.protocols == {"inner"}

@@ -68,8 +68,8 @@ OUTPUT_NAME = "logits"
 #: norms normalise nearly constant fields, so its relative rounding error grows through the encoder and
 #: reaches the present stream through the A-QCF blocks. Measured on the test suite's tiny network:
 #: PyTorch float32 is 3e-5 to 6e-5 from a float64 run, onnxruntime 4e-4 to 1.7e-3 (logits of about ±3),
-#: more on larger windows; see docs/inference.md.
-TOLERANCE = {"torchscript": 1e-4, "onnx": 5e-3}
+#: more on larger windows (6.9e-3 on a 32x32x16 window in one clean-clone test run); see docs/inference.md.
+TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-2}
 #: MONAI's Gaussian blending sigma as a fraction of the window (``sliding_window_inference``'s default)
 GAUSSIAN_SIGMA_SCALE = 0.125
 _ONNX_MODULES = ("onnx", "onnxscript")
