@@ -380,6 +380,13 @@ class Predictor:
         other.window = replace(self.window, **changes)
         return other
 
+    def _logits(self, image: Tensor, modality: str) -> Tensor:
+        """Stitched logits (1, C, X, Y, Z) of one preprocessed volume (1, X, Y, Z)."""
+        modality = self.check_modality(modality)
+        return sliding_window_logits(
+            self.network, image[None].float(), modality, self.window, self.device, self.tta, self.precision
+        )
+
     @torch.inference_mode()
     def labels_on_grid(self, image: Tensor, modality: str) -> Tensor:
         """Labels of one preprocessed volume.
@@ -391,11 +398,7 @@ class Predictor:
         Returns:
             uint8 CPU tensor (X, Y, Z) with values 0/1/2 on the preprocessed grid.
         """
-        modality = self.check_modality(modality)
-        logits = sliding_window_logits(
-            self.network, image[None].float(), modality, self.window, self.device, self.tta, self.precision
-        )
-        return argmax_labels(logits)
+        return argmax_labels(self._logits(image, modality))
 
     @torch.inference_mode()
     def probabilities_on_grid(self, image: Tensor, modality: str) -> Tensor:
@@ -408,11 +411,7 @@ class Predictor:
         Returns:
             float32 CPU tensor (C, X, Y, Z), summing to 1 over C at every voxel.
         """
-        modality = self.check_modality(modality)
-        logits = sliding_window_logits(
-            self.network, image[None].float(), modality, self.window, self.device, self.tta, self.precision
-        )
-        return torch.softmax(logits[0], dim=0).cpu()
+        return torch.softmax(self._logits(image, modality)[0], dim=0).cpu()
 
     def segment_file(self, path: str | Path, modality: str, probabilities: bool = False) -> Segmentation:
         """Segment one scan file (NIfTI) into labels on its own voxel grid.
