@@ -287,19 +287,16 @@ class UnpairedDataModule(L.LightningDataModule):
         # Preprocessing a new cache must not consume the seeded random state: a run that builds the cache
         # and one that reuses it then draw the same patches.
         with torch.random.fork_rng(devices=[]), _numpy_state_kept():
-            return self._preprocess(cases, modality, fmt, verify)
-
-    def _preprocess(self, cases, modality: str, fmt: str, verify: str) -> Manifest:
-        return preprocess_cohort(
-            cases,
-            self.preprocess_settings(modality),
-            self.hparams.cache_dir,
-            workers=self.hparams.preprocess_workers,
-            name=f"{modality}-{fmt.lower()}",
-            progress=self.hparams.progress,
-            verify=verify,
-            skip_bad=self.hparams.skip_bad,
-        )
+            return preprocess_cohort(
+                cases,
+                self.preprocess_settings(modality),
+                self.hparams.cache_dir,
+                workers=self.hparams.preprocess_workers,
+                name=f"{modality}-{fmt.lower()}",
+                progress=self.hparams.progress,
+                verify=verify,
+                skip_bad=self.hparams.skip_bad,
+            )
 
     def _splits_path(self, modality: str) -> Path:
         return Path(self.hparams.splits_dir or self.hparams.cache_dir) / modality / "splits.json"
