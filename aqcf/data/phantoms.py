@@ -1,4 +1,4 @@
-"""Synthetic abdominal CT and MRI cohorts in the LiTS and ATLAS layouts (``aqcf synth``).
+"""Synthetic abdominal CT and MRI cohorts in the LiTS, ATLAS and nnU-Net layouts (``aqcf synth``).
 
 The real cohorts cannot be downloaded here, so every reader and the whole pipeline run on phantoms
 written in exactly the real layouts. A phantom is hand-written (no library draws abdomens): a
@@ -19,6 +19,35 @@ orientation at 2×2×3 mm. MRI (ATLAS-like, contrast-enhanced fat-suppressed T1)
 1–3 tumors of radius 5–20 mm, mostly hypointense (wash-out) with an enhancing capsule on half of
 them; liver 280–360, a multiplicative bias field and Rician noise; intensities sit inside the
 paper's MRI window [74, 511]; stored in RAS orientation at 1.8×1.8×3.6 mm.
+
+T2 (``--n-t2``, :func:`t2_config`; a T2-weighted turbo spin echo without fat suppression, nnU-Net
+layout in ``T2/``): the liver (100–140) is darker than the spleen (200–260) and the kidneys; tumors
+are mostly hyperintense (85% at 170–260, necrotic cores 350–500 like fluid), the rest darker than
+the liver (70–95); fluid (gallbladder, bowel and stomach content, spinal canal) is very bright
+(500–800) and fat intermediate-bright (260–330); vessels are flow voids (20–60); muscle dark
+(70–100). 1–4 tumors per case of radius 4–18 mm, a gentler bias field (exp(0.15·field), body
+coil), gain 0.8–1.2, Rician noise 8–14; stored in LPI orientation at 1.5×1.5×5 mm. The tumors'
+range overlaps spleen, kidney cortex, bone marrow, bowel wall and the edge of fat, so no single
+intensity window finds them.
+
+Paired patients (``--paired``, :func:`make_paired_case`, ``Paired/``): one anatomy drawn once in
+world space and rendered as CT and as T1 MRI, each with its own config (intensities, noise, bias,
+spacing, orientation). The anatomy is drawn on a reference grid that covers the smaller of the two
+fields of view at half the finer spacing, centred at the same world point as both scans, and
+resampled (nearest neighbour) onto each scan's grid, so both affines map an anatomical point to
+the same scanner coordinates (no offset between the scans). Tumor count, radius, necrosis, capsule
+and whether a tumor is darker or brighter than the liver come from the MRI config and are shared.
+Layout (nnU-Net's multichannel naming, but the two channels lie on different grids, so each has its
+own label)::
+
+    Paired/imagesTr/pair_N_0000.nii.gz    CT (int16 HU)
+    Paired/imagesTr/pair_N_0001.nii.gz    MRI (int16 a.u.)
+    Paired/labelsTr/pair_N_ct.nii.gz      labels on the CT grid
+    Paired/labelsTr/pair_N_mri.nii.gz     labels on the MRI grid
+    Paired/dataset.json                   channel_names {"0": "CT", "1": "MRI"}
+
+:func:`read_paired` lists the cases. Every cohort (CT, MRI, T2, paired) draws from its own random
+stream, so adding T2 or paired cases leaves the CT and MRI phantoms of a seed unchanged.
 
 Every difficulty knob (tumor count, radius, contrast, noise, bias field) is a field of
 :class:`PhantomConfig`. Anatomy is laid out relative to the field of view (as a radiographer sizes
@@ -45,7 +74,10 @@ __all__ = [
     "PhantomConfig",
     "ct_config",
     "mri_config",
+    "t2_config",
     "make_case",
+    "make_paired_case",
+    "read_paired",
     "synthesize",
     "main",
 ]
@@ -56,6 +88,14 @@ KIDNEY_CORTEX, KIDNEY_MEDULLA, AORTA, IVC, BOWEL_WALL, BOWEL_LUMEN, GAS, GALLBLA
 STOMACH, SPINAL_CANAL = 18, 19
 TUMOR = 32
 LIVER_TISSUES = (LIVER, HEPATIC_VEIN, PORTAL_VEIN)
+
+# Appearance keys: CT, MRI (contrast-enhanced T1) and T2-weighted MRI; cohort keys of synthesize().
+T2 = "t2"
+PAIRED = "paired"
+WEIGHTINGS = ("T1", "T2")
+# The paired anatomy is drawn at this fraction of the finer scan's spacing (per axis) and resampled
+# by nearest neighbour onto both scans: an outline moves by at most half a reference voxel.
+PAIRED_REFERENCE_FRACTION = 0.5
 
 # (low, high, texture amplitude): a subject's tissue mean is drawn uniformly in [low, high]; the
 # texture amplitude scales a smooth unit-variance field (same units). Liver and tumors come from
@@ -105,10 +145,35 @@ MRI_TISSUES: dict[int, tuple[float, float, float]] = {
     STOMACH: (60, 110, 8),
     SPINAL_CANAL: (50, 80, 5),
 }
-LIVER_TEXTURE = {CT: 3.0, MRI: 10.0}
-TUMOR_TEXTURE = {CT: 5.0, MRI: 15.0}
-NECROSIS = {CT: (10.0, 25.0), MRI: (80.0, 120.0)}
-CAPSULE = {CT: None, MRI: (380.0, 440.0)}
+# T2-weighted turbo spin echo without fat suppression, arbitrary units: fluid very bright, fat
+# intermediate-bright, flowing blood dark (flow voids), spleen and kidneys brighter than the liver.
+# Spleen, kidney cortex, marrow, bowel wall and the edge of fat overlap the (mostly bright) tumors.
+T2_TISSUES: dict[int, tuple[float, float, float]] = {
+    AIR: (0, 8, 1),
+    FAT: (260, 330, 10),
+    MUSCLE: (70, 100, 6),
+    BONE: (200, 270, 12),
+    CORTEX: (10, 30, 3),
+    LUNG: (5, 20, 3),
+    HEPATIC_VEIN: (20, 60, 5),
+    PORTAL_VEIN: (20, 60, 5),
+    SPLEEN: (200, 260, 10),
+    KIDNEY_CORTEX: (200, 250, 10),
+    KIDNEY_MEDULLA: (260, 320, 10),
+    AORTA: (20, 50, 5),
+    IVC: (60, 110, 8),
+    BOWEL_WALL: (120, 170, 10),
+    BOWEL_LUMEN: (550, 700, 20),
+    GAS: (0, 15, 3),
+    GALLBLADDER: (650, 800, 15),
+    STOMACH: (500, 650, 15),
+    SPINAL_CANAL: (650, 800, 15),
+}
+TISSUES = {CT: CT_TISSUES, MRI: MRI_TISSUES, T2: T2_TISSUES}
+LIVER_TEXTURE = {CT: 3.0, MRI: 10.0, T2: 8.0}
+TUMOR_TEXTURE = {CT: 5.0, MRI: 15.0, T2: 15.0}
+NECROSIS = {CT: (10.0, 25.0), MRI: (80.0, 120.0), T2: (350.0, 500.0)}
+CAPSULE = {CT: None, MRI: (380.0, 440.0), T2: None}
 STORED_RANGE = {CT: (-1024, 3071), MRI: (0, 32767)}
 
 
@@ -118,6 +183,8 @@ class PhantomConfig:
 
     Attributes:
         modality: ``"ct"`` or ``"mri"``.
+        weighting: MRI only: ``"T1"`` (contrast-enhanced fat-suppressed, the default for MRI) or
+            ``"T2"``; ``None`` for CT.
         shape: Voxels along the canonical (R, A, S) axes; the stored array is reoriented.
         spacing: Voxel size along (R, A, S) in mm.
         orientation: Axis codes of the stored array (nibabel ``aff2axcodes``), e.g. ``"LPS"``.
@@ -139,6 +206,7 @@ class PhantomConfig:
     """
 
     modality: str
+    weighting: str | None = None
     shape: tuple[int, int, int] = (128, 128, 48)
     spacing: tuple[float, float, float] = (2.0, 2.0, 3.0)
     orientation: str = "LPS"
@@ -160,6 +228,13 @@ class PhantomConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "modality", check_modality(self.modality))
+        if self.modality == CT and self.weighting is not None:
+            raise AqcfError(f"phantom weighting {self.weighting!r}: only an MRI phantom has a weighting")
+        if self.modality == MRI:
+            weighting = str(self.weighting or "T1").upper()
+            if weighting not in WEIGHTINGS:
+                raise AqcfError(f"phantom weighting {self.weighting!r}: need one of {', '.join(WEIGHTINGS)}")
+            object.__setattr__(self, "weighting", weighting)
         if len(self.shape) != 3 or min(self.shape) < 8:
             raise AqcfError(f"phantom shape {tuple(self.shape)}: need three sizes of at least 8 voxels")
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
@@ -201,6 +276,33 @@ def mri_config(**overrides) -> PhantomConfig:
     )
     defaults.update(overrides)
     return PhantomConfig(**defaults)
+
+
+def t2_config(**overrides) -> PhantomConfig:
+    """The T2-weighted MRI phantom (bright tumors and fluid), with any field replaced by ``overrides``."""
+    defaults = dict(
+        modality=MRI,
+        weighting="T2",
+        spacing=(1.5, 1.5, 5.0),
+        orientation="LPI",
+        n_tumors=(1, 4),
+        tumor_radius_mm=(4.0, 18.0),
+        hyper_fraction=0.85,
+        liver=(100.0, 140.0),
+        hypo_tumor=(70.0, 95.0),
+        hyper_tumor=(170.0, 260.0),
+        noise=(8.0, 14.0),
+        bias_field=0.15,
+        gain=(0.8, 1.2),
+        psf_mm=1.5,
+    )
+    defaults.update(overrides)
+    return PhantomConfig(**defaults)
+
+
+def _appearance(cfg: PhantomConfig) -> str:
+    """The key of ``cfg``'s intensity tables: ``"ct"``, ``"mri"`` (T1) or ``"t2"``."""
+    return T2 if cfg.weighting == "T2" else cfg.modality
 
 
 def _smooth_field(shape, spacing, sigma_mm: float, rng: np.random.Generator) -> np.ndarray:
@@ -387,21 +489,22 @@ def _render(
     anatomy: _Anatomy, cfg: PhantomConfig, spacing: np.ndarray, rng: np.random.Generator
 ) -> np.ndarray:
     """Intensities (float32, HU or a.u.) from the tissue map: means, texture, blur, bias, noise."""
-    table = CT_TISSUES if cfg.modality == CT else MRI_TISSUES
+    kind = _appearance(cfg)
+    table = TISSUES[kind]
     mean = np.zeros(256, dtype=np.float32)
     texture = np.zeros(256, dtype=np.float32)
     for code, (lo, hi, amplitude) in table.items():
         mean[code], texture[code] = rng.uniform(lo, hi), amplitude
     liver = rng.uniform(*cfg.liver)
-    mean[LIVER], texture[LIVER] = liver, LIVER_TEXTURE[cfg.modality]
+    mean[LIVER], texture[LIVER] = liver, LIVER_TEXTURE[kind]
     for tumor in anatomy.tumors:
         drawn = rng.uniform(*(cfg.hyper_tumor if tumor.hyper else cfg.hypo_tumor))
         code = TUMOR + 3 * tumor.index
         mean[code] = liver + cfg.contrast * (drawn - liver)
-        mean[code + 1] = liver + cfg.contrast * (rng.uniform(*NECROSIS[cfg.modality]) - liver)
-        capsule = CAPSULE[cfg.modality]
+        mean[code + 1] = liver + cfg.contrast * (rng.uniform(*NECROSIS[kind]) - liver)
+        capsule = CAPSULE[kind]
         mean[code + 2] = liver + cfg.contrast * (rng.uniform(*capsule) - liver) if capsule else mean[code]
-        texture[code : code + 3] = TUMOR_TEXTURE[cfg.modality]
+        texture[code : code + 3] = TUMOR_TEXTURE[kind]
 
     shape = anatomy.tissue.shape
     image = mean[anatomy.tissue] + texture[anatomy.tissue] * _smooth_field(shape, spacing, 6.0, rng)
@@ -437,15 +540,9 @@ def make_case(cfg: PhantomConfig, rng: np.random.Generator) -> tuple[np.ndarray,
         0 background, 1 liver, 2 tumor) on the same grid, both in ``cfg.orientation`` axis order,
         and the 4×4 voxel-to-world (RAS, mm) matrix.
     """
-    import nibabel.orientations as orient
-
-    spacing = np.asarray(cfg.spacing, dtype=float) * (
-        1 + rng.uniform(-cfg.spacing_jitter, cfg.spacing_jitter, 3)
-    )
+    spacing = _jittered_spacing(cfg, rng)
     anatomy = _anatomy(cfg, spacing, rng)
-    image = _render(anatomy, cfg, spacing, rng)
-    lo, hi = STORED_RANGE[cfg.modality]
-    image = np.clip(np.rint(image), lo, hi).astype(np.int16)
+    image = _stored(_render(anatomy, cfg, spacing, rng), cfg)
 
     shape = np.array(cfg.shape)
     affine = np.eye(4)
@@ -454,13 +551,99 @@ def make_case(cfg: PhantomConfig, rng: np.random.Generator) -> tuple[np.ndarray,
     if cfg.obliquity_deg > 0:
         rotation = _rotation(rng.standard_normal(3), np.deg2rad(rng.uniform(0, cfg.obliquity_deg)))
         affine[:3] = rotation @ affine[:3]
+    return _reorient(image, anatomy.label, affine, cfg.orientation)
+
+
+def _jittered_spacing(cfg: PhantomConfig, rng: np.random.Generator) -> np.ndarray:
+    """The case's voxel size along (R, A, S) in mm."""
+    return np.asarray(cfg.spacing, dtype=float) * (1 + rng.uniform(-cfg.spacing_jitter, cfg.spacing_jitter, 3))
+
+
+def _stored(image: np.ndarray, cfg: PhantomConfig) -> np.ndarray:
+    """Rendered intensities rounded and clipped to the modality's int16 range."""
+    lo, hi = STORED_RANGE[cfg.modality]
+    return np.clip(np.rint(image), lo, hi).astype(np.int16)
+
+
+def _reorient(
+    image: np.ndarray, label: np.ndarray, affine: np.ndarray, orientation: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Image, label and affine of the canonical (R, A, S) grid, stored in ``orientation`` axis order."""
+    import nibabel.orientations as orient
+
     transform = orient.ornt_transform(
-        orient.axcodes2ornt(("R", "A", "S")), orient.axcodes2ornt(tuple(cfg.orientation))
+        orient.axcodes2ornt(("R", "A", "S")), orient.axcodes2ornt(tuple(orientation))
     )
     stored_affine = affine @ orient.inv_ornt_aff(transform, image.shape)
     image = np.ascontiguousarray(orient.apply_orientation(image, transform))
-    label = np.ascontiguousarray(orient.apply_orientation(anatomy.label, transform))
+    label = np.ascontiguousarray(orient.apply_orientation(label, transform))
     return image, label, stored_affine
+
+
+def _centred_affine(shape, spacing: np.ndarray, centre: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+    """Voxel-to-world matrix of a grid of ``shape`` voxels whose centre lies at ``centre`` (mm)."""
+    affine = np.eye(4)
+    affine[:3, :3] = rotation @ np.diag(spacing)
+    affine[:3, 3] = centre - affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
+    return affine
+
+
+def make_paired_case(
+    ct: PhantomConfig, mri: PhantomConfig, rng: np.random.Generator
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Draw one patient scanned twice: CT and MRI of the same anatomy, aligned in world space.
+
+    The anatomy (tissue and label maps) is drawn once on a reference grid that covers the smaller
+    of the two fields of view at :data:`PAIRED_REFERENCE_FRACTION` of the finer spacing, then
+    resampled by nearest neighbour onto each scan's grid; both grids and the reference grid share
+    one world centre, so there is no offset between the scans. Tumor count, size, necrosis, capsule
+    and darker/brighter come from ``mri``; each scan is rendered with its own config.
+
+    Args:
+        ct: The CT scan's settings (shape, spacing, orientation, intensities, noise).
+        mri: The MRI scan's settings; also the anatomy's tumor settings.
+        rng: The patient's random generator (anatomy, CT and MRI each get a child stream, so one
+            scan's settings do not change the other's noise).
+
+    Returns:
+        ``{"ct": (image, label, affine), "mri": (image, label, affine)}``, each as :func:`make_case`
+        returns it.
+    """
+    if ct.modality != CT or mri.modality != MRI:
+        raise AqcfError("make_paired_case: ct= needs a CT PhantomConfig and mri= an MRI one")
+    anatomy_rng, *scan_rngs = rng.spawn(3)
+    scans = list(zip((ct, mri), scan_rngs, strict=True))
+    spacings = [_jittered_spacing(cfg, scan_rng) for cfg, scan_rng in scans]
+    fov = np.minimum(*(np.array(cfg.shape) * spacing for (cfg, _), spacing in zip(scans, spacings, strict=True)))
+    ref_spacing = np.minimum(*spacings) * PAIRED_REFERENCE_FRACTION
+    # An odd count puts the reference's voxel centres on the finer scan's (twice the spacing, same
+    # centre), so nearest-neighbour sampling never meets a tie that would shift it by half a voxel.
+    ref_shape = np.maximum(np.ceil(fov / ref_spacing).astype(int), 8) // 2 * 2 + 1
+    reference = dataclasses.replace(mri, shape=tuple(int(n) for n in ref_shape), spacing=tuple(ref_spacing))
+    anatomy = _anatomy(reference, ref_spacing, anatomy_rng)
+    centre = anatomy_rng.uniform(-20, 20, 3)
+    ref_affine = _centred_affine(ref_shape, ref_spacing, centre, np.eye(3))
+
+    out = {}
+    for (cfg, scan_rng), spacing in zip(scans, spacings, strict=True):
+        rotation = np.eye(3)
+        if cfg.obliquity_deg > 0:
+            rotation = _rotation(scan_rng.standard_normal(3), np.deg2rad(scan_rng.uniform(0, cfg.obliquity_deg)))
+        affine = _centred_affine(cfg.shape, spacing, centre, rotation)
+        grid = _resample_anatomy(anatomy, np.linalg.inv(ref_affine) @ affine, tuple(cfg.shape))
+        image = _stored(_render(grid, cfg, spacing, scan_rng), cfg)
+        out[cfg.modality] = _reorient(image, grid.label, affine, cfg.orientation)
+    return out
+
+
+def _resample_anatomy(anatomy: _Anatomy, voxel_to_reference: np.ndarray, shape) -> _Anatomy:
+    """The tissue and label maps sampled (nearest neighbour) at a grid's voxels; outside is air."""
+    matrix, offset = voxel_to_reference[:3, :3], voxel_to_reference[:3, 3]
+
+    def sample(volume: np.ndarray) -> np.ndarray:
+        return ndimage.affine_transform(volume, matrix, offset, output_shape=shape, order=0, cval=0)
+
+    return _Anatomy(tissue=sample(anatomy.tissue), label=sample(anatomy.label), tumors=anatomy.tumors)
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -502,6 +685,110 @@ def _write_cohort(kind: str, folder: Path, n: int, cfg: PhantomConfig, seed: int
         (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
 
 
+LABELS = {"background": 0, "liver": 1, "tumor": 2}
+
+
+def _write_t2_cohort(folder: Path, n: int, cfg: PhantomConfig, seed: int, stream: int, bar) -> None:
+    """Write the T2 cohort into ``folder`` in the nnU-Net v2 raw layout (cases ``t2_N``)."""
+    (folder / "imagesTr").mkdir()
+    (folder / "labelsTr").mkdir()
+    for index in range(n):
+        image, label, affine = make_case(cfg, np.random.default_rng([seed, stream, index]))
+        _save_nifti(image, affine, folder / "imagesTr" / f"t2_{index}_0000.nii.gz")
+        _save_nifti(label, affine, folder / "labelsTr" / f"t2_{index}.nii.gz")
+        bar.update(1)
+    dataset = {
+        "name": "T2 phantom",
+        "description": "synthetic T2-weighted MRI written by aqcf synth",
+        "channel_names": {"0": "T2"},
+        "labels": LABELS,
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+
+
+def _write_paired(
+    folder: Path, n: int, ct: PhantomConfig, mri: PhantomConfig, seed: int, stream: int, bar
+) -> None:
+    """Write the paired cases into ``folder``: per case a CT and an MRI channel, each with its label."""
+    (folder / "imagesTr").mkdir()
+    (folder / "labelsTr").mkdir()
+    training = []
+    for index in range(n):
+        case = f"pair_{index}"
+        scans = make_paired_case(ct, mri, np.random.default_rng([seed, stream, index]))
+        files = {}
+        for channel, modality in enumerate((CT, MRI)):
+            image, label, affine = scans[modality]
+            files[modality] = (f"imagesTr/{case}_{channel:04d}.nii.gz", f"labelsTr/{case}_{modality}.nii.gz")
+            _save_nifti(image, affine, folder / files[modality][0])
+            _save_nifti(label, affine, folder / files[modality][1])
+        training.append(
+            {"case": case, "image": [files[CT][0], files[MRI][0]], "label": {m: files[m][1] for m in (CT, MRI)}}
+        )
+        bar.update(1)
+    dataset = {
+        "name": "Paired CT/MRI phantom",
+        "description": "synthetic patients scanned with CT and T1 MRI, written by aqcf synth; the "
+        "channels lie on different grids (own spacing and orientation) aligned in world coordinates, "
+        "so every channel has its own label file labelsTr/CASE_ct.nii.gz, labelsTr/CASE_mri.nii.gz",
+        "channel_names": {"0": "CT", "1": "MRI"},
+        "labels": LABELS,
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+        "world_offset_mm": [0.0, 0.0, 0.0],
+        "training": training,
+    }
+    (folder / "dataset.json").write_text(json.dumps(dataset, indent=2))
+
+
+def read_paired(root: str | Path) -> list[dict]:
+    """List the cases of a paired cohort written by ``aqcf synth --paired`` (the ``Paired/`` folder).
+
+    Args:
+        root: The folder holding ``imagesTr/`` and ``labelsTr/``.
+
+    Returns:
+        Per case, sorted naturally: ``{"id", "ct_image", "mri_image", "ct_label", "mri_label"}``
+        (``id`` a string such as ``"pair_0"``, the others paths).
+
+    Raises:
+        AqcfError: No ``imagesTr/``, no case, or a case missing one of its four files.
+    """
+    from aqcf.data.cohorts import natural_key
+
+    root = Path(root)
+    images = root / "imagesTr"
+    if not images.is_dir():
+        raise AqcfError(f"{root}: no imagesTr/ folder; expected a paired cohort written by aqcf synth --paired")
+    suffix = "_0000.nii.gz"
+    ids = [
+        p.name[: -len(suffix)]
+        for p in images.iterdir()
+        if p.name.endswith(suffix) and not p.name.startswith(".")
+    ]
+    if not ids:
+        raise AqcfError(f"{images}: no CASE{suffix} found")
+    for p in images.iterdir():
+        if p.name.endswith("_0001.nii.gz") and p.name[: -len(suffix)] not in ids:
+            raise AqcfError(f"{p}: no CT channel imagesTr/{p.name[: -len(suffix)]}{suffix} for this MRI channel")
+    cases = []
+    for case in sorted(ids, key=natural_key):
+        entry = {
+            "id": case,
+            "ct_image": images / f"{case}_0000.nii.gz",
+            "mri_image": images / f"{case}_0001.nii.gz",
+            "ct_label": root / "labelsTr" / f"{case}_ct.nii.gz",
+            "mri_label": root / "labelsTr" / f"{case}_mri.nii.gz",
+        }
+        for key, path in entry.items():
+            if key != "id" and not path.is_file():
+                raise AqcfError(f"{path}: missing; case {case} needs its CT and MRI images and labels")
+        cases.append(entry)
+    return cases
+
+
 def synthesize(
     out: str | Path,
     n_ct: int = 10,
@@ -511,21 +798,31 @@ def synthesize(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    n_t2: int = 0,
+    n_paired: int = 0,
+    t2: PhantomConfig | None = None,
 ) -> dict[str, Path]:
-    """Write a CT cohort in the LiTS layout and an MRI cohort in the ATLAS layout.
+    """Write a CT cohort in the LiTS layout and an MRI cohort in the ATLAS layout (and, if asked,
+    a T2 cohort and paired CT/MRI patients in the nnU-Net layout).
 
     Args:
         out: Output folder; receives ``LiTS/`` (``volume-N.nii``, ``segmentation-N.nii``),
-            ``ATLAS/`` (``imagesTr/imN.nii.gz``, ``labelsTr/lbN.nii.gz``, ``dataset.json``) and
+            ``ATLAS/`` (``imagesTr/imN.nii.gz``, ``labelsTr/lbN.nii.gz``, ``dataset.json``),
+            ``T2/`` (``imagesTr/t2_N_0000.nii.gz``, ``labelsTr/t2_N.nii.gz``, ``dataset.json``) when
+            ``n_t2 > 0``, ``Paired/`` (see :func:`read_paired`) when ``n_paired > 0``, and
             ``synth.json`` (the settings).
-        n_ct, n_mri: Number of subjects per cohort (independent subjects: no shared anatomy).
-        ct, mri: Phantom settings (default :func:`ct_config`, :func:`mri_config`).
+        n_ct, n_mri, n_t2: Number of subjects per cohort (independent subjects: no shared anatomy).
+        ct, mri, t2: Phantom settings (default :func:`ct_config`, :func:`mri_config`,
+            :func:`t2_config`); the paired patients use ``ct`` and ``mri``.
         seed: Seed; subject ``i`` of a cohort depends only on ``(seed, cohort, i)``.
-        overwrite: Replace ``LiTS/`` and ``ATLAS/`` in an existing, non-empty ``out``.
+        overwrite: Replace ``LiTS/``, ``ATLAS/``, ``T2/`` and ``Paired/`` in an existing, non-empty
+            ``out`` (a cohort of 0 cases other than CT and MRI removes its old folder).
         progress: Show a progress bar over cases.
+        n_paired: Number of patients scanned with both CT and MRI (independent of all other cohorts).
 
     Returns:
-        ``{"ct": out/LiTS, "mri": out/ATLAS}``.
+        ``{"ct": out/LiTS, "mri": out/ATLAS}``, plus ``"t2": out/T2`` and ``"paired": out/Paired``
+        when written.
 
     Raises:
         AqcfError: ``out`` exists, is not empty and ``overwrite`` is false; or a count is negative.
@@ -534,38 +831,58 @@ def synthesize(
 
     ct = ct or ct_config()
     mri = mri or mri_config()
-    if ct.modality != CT or mri.modality != MRI:
-        raise AqcfError("synthesize: ct= needs a CT PhantomConfig and mri= an MRI one")
-    if n_ct < 0 or n_mri < 0:
-        raise AqcfError(f"synthesize: case counts must not be negative (got {n_ct}, {n_mri})")
+    t2 = t2 or t2_config()
+    if ct.modality != CT or mri.modality != MRI or t2.modality != MRI:
+        raise AqcfError("synthesize: ct= needs a CT PhantomConfig and mri= and t2= MRI ones")
+    if mri.weighting != "T1" or t2.weighting != "T2":
+        raise AqcfError("synthesize: mri= needs a T1-weighted PhantomConfig and t2= a T2-weighted one")
+    counts = (n_ct, n_mri, n_t2, n_paired)
+    if min(counts) < 0:
+        raise AqcfError(f"synthesize: case counts must not be negative (got {', '.join(map(str, counts))})")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AqcfError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AqcfError(f"{out}: exists and is not empty; pass --overwrite to replace its LiTS/ and ATLAS/")
+        raise AqcfError(
+            f"{out}: exists and is not empty; pass --overwrite to replace its LiTS/, ATLAS/, T2/ and Paired/"
+        )
     out.mkdir(parents=True, exist_ok=True)
 
-    targets = {CT: out / "LiTS", MRI: out / "ATLAS"}
-    plan = ((CT, "lits", n_ct, ct, 0), (MRI, "atlas", n_mri, mri, 1))
-    with tqdm(total=n_ct + n_mri, desc="synth", unit="case", disable=not progress) as bar:
-        for modality, kind, n, cfg, stream in plan:
+    # (key, folder, cases, writer); the stream numbers keep every cohort's subjects independent.
+    plan = (
+        (CT, out / "LiTS", n_ct, lambda f, bar: _write_cohort("lits", f, n_ct, ct, seed, 0, bar)),
+        (MRI, out / "ATLAS", n_mri, lambda f, bar: _write_cohort("atlas", f, n_mri, mri, seed, 1, bar)),
+        (T2, out / "T2", n_t2, lambda f, bar: _write_t2_cohort(f, n_t2, t2, seed, 2, bar)),
+        (PAIRED, out / "Paired", n_paired, lambda f, bar: _write_paired(f, n_paired, ct, mri, seed, 3, bar)),
+    )
+    targets = {}
+    with tqdm(total=sum(counts), desc="synth", unit="case", disable=not progress) as bar:
+        for key, target, n, write in plan:
+            if n == 0 and key in (T2, PAIRED):
+                if target.exists():
+                    shutil.rmtree(target)  # a stale cohort would contradict synth.json
+                continue
             # Each cohort is written into a hidden sibling and renamed into place when complete, so a
             # killed run never leaves a half-written cohort behind.
-            partial = Path(tempfile.mkdtemp(prefix=f".{targets[modality].name}.partial-", dir=out))
+            partial = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=out))
             try:
-                _write_cohort(kind, partial, n, cfg, seed, stream, bar)
-                if targets[modality].exists():
-                    shutil.rmtree(targets[modality])
-                os.replace(partial, targets[modality])
+                write(partial, bar)
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(partial, target)
             finally:
                 if partial.exists():
                     shutil.rmtree(partial)
+            targets[key] = target
     settings = {
         "seed": seed,
         "n_ct": n_ct,
         "n_mri": n_mri,
+        "n_t2": n_t2,
+        "n_paired": n_paired,
         "ct": dataclasses.asdict(ct),
         "mri": dataclasses.asdict(mri),
+        "t2": dataclasses.asdict(t2),
     }
     tmp = out / ".synth.json.tmp"
     tmp.write_text(json.dumps(settings, indent=2))
@@ -576,15 +893,24 @@ def synthesize(
 def _parser():
     from aqcf.cli import ArgumentParser
 
-    ct, mri = ct_config(), mri_config()
+    ct, mri, t2 = ct_config(), mri_config(), t2_config()
     p = ArgumentParser(
         prog="aqcf synth",
         description="Write phantom cohorts: CT in the LiTS layout (OUT/LiTS) and MRI in the ATLAS layout "
-        "(OUT/ATLAS). Defaults are the realistic calibration; the flags set the difficulty.",
+        "(OUT/ATLAS); optionally T2 MRI (OUT/T2) and paired CT/MRI patients (OUT/Paired) in the nnU-Net "
+        "layout. Defaults are the realistic calibration; the flags set the difficulty.",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n-ct", type=int, default=10, help="number of CT subjects (default 10)")
     p.add_argument("--n-mri", type=int, default=10, help="number of MRI subjects (default 10)")
+    p.add_argument("--n-t2", type=int, default=0, help="number of T2 MRI subjects in OUT/T2 (default 0)")
+    p.add_argument(
+        "--paired",
+        type=int,
+        default=0,
+        metavar="N",
+        help="number of patients scanned with both CT and MRI (--ct-*/--mri-* settings) in OUT/Paired (default 0)",
+    )
     p.add_argument(
         "--shape",
         type=int,
@@ -596,12 +922,17 @@ def _parser():
     p.add_argument(
         "--mri-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="MRI voxels (default --shape)"
     )
+    p.add_argument(
+        "--t2-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="T2 voxels (default --shape)"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace OUT/LiTS and OUT/ATLAS if OUT is not empty"
+        "--overwrite",
+        action="store_true",
+        help="replace OUT/LiTS, OUT/ATLAS, OUT/T2 and OUT/Paired if OUT is not empty",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for prefix, cfg in (("ct", ct), ("mri", mri)):
+    for prefix, cfg in (("ct", ct), ("mri", mri), ("t2", t2)):
         unit = "HU" if prefix == "ct" else "a.u."
         p.add_argument(
             f"--{prefix}-spacing",
@@ -652,12 +983,13 @@ def _parser():
             default=cfg.obliquity_deg,
             help="largest grid rotation in degrees (default 0)",
         )
-    p.add_argument(
-        "--mri-bias",
-        type=float,
-        default=mri.bias_field,
-        help=f"std of the log bias field (default {mri.bias_field})",
-    )
+    for prefix, cfg in (("mri", mri), ("t2", t2)):
+        p.add_argument(
+            f"--{prefix}-bias",
+            type=float,
+            default=cfg.bias_field,
+            help=f"std of the log bias field (default {cfg.bias_field})",
+        )
     return p
 
 
@@ -666,16 +998,17 @@ def main(argv: list[str] | None = None) -> int:
     from aqcf.io import check_output
 
     args = _parser().parse_args(argv)
-    # OUT/LiTS, OUT/ATLAS and OUT/synth.json are replaced; other files in OUT only make it "not empty"
+    # OUT/LiTS, OUT/ATLAS, OUT/T2, OUT/Paired and OUT/synth.json are replaced; other files in OUT
+    # only make it "not empty"
     check_output(args.out, overwrite=args.overwrite, kind="folder")
     configs = {}
-    for prefix, make in (("ct", ct_config), ("mri", mri_config)):
+    for prefix, make in (("ct", ct_config), ("mri", mri_config), ("t2", t2_config)):
         flags = {
             name: getattr(args, f"{prefix}_{name}")
             for name in ("spacing", "orientation", "tumors", "tumor_radius", "contrast", "noise", "obliquity")
         }
-        shape = args.mri_shape if (prefix == "mri" and args.mri_shape) else args.shape
-        extra = {"bias_field": args.mri_bias} if prefix == "mri" else {}
+        shape = getattr(args, f"{prefix}_shape", None) or args.shape
+        extra = {"bias_field": getattr(args, f"{prefix}_bias")} if prefix != "ct" else {}
         configs[prefix] = make(
             shape=tuple(shape),
             spacing=tuple(flags["spacing"]),
@@ -696,6 +1029,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         overwrite=args.overwrite,
         progress=not args.no_progress,
+        n_t2=args.n_t2,
+        n_paired=args.paired,
+        t2=configs["t2"],
     )
     print(f"wrote {args.n_ct} CT cases to {targets[CT]} and {args.n_mri} MRI cases to {targets[MRI]}")
+    if T2 in targets:
+        print(f"wrote {args.n_t2} T2 cases to {targets[T2]}")
+    if PAIRED in targets:
+        print(f"wrote {args.paired} paired CT/MRI patients to {targets[PAIRED]}")
     return 0
