@@ -8,6 +8,11 @@ attention-gated skips, ending in a 1×1×1 real conv to ``num_classes`` logits.
 
 Widths count quaternion channels (a tensor with width ``w`` has ``4w`` real channels).
 
+The streams are named by ``modalities`` (default ``("ct", "mri")``, the paper's network). Any
+``M >= 1`` names build the same network with one stem, encoder, decoder and head per stream and an
+A-QCF block per stage in which every stream receives the summed gated contexts of all the others
+(the paper's future work; docs/model.md, "N streams"); ``M = 1`` is a single-stream U-Net.
+
 The paper leaves the convolutions per stage, the kernel of ``QConv_out`` and whether the two A-QCF
 directions share weights open; :data:`READINGS` names the readings of section 3.2.3 next to the
 default (``"current"``), see docs/model.md §6.
@@ -15,12 +20,12 @@ default (``"current"``), see docs/model.md §6.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from aqcf.constants import CT, MODALITIES, MRI, check_modality
+from aqcf.constants import MODALITIES
 from aqcf.errors import AqcfError
 from aqcf.nn.attention import QuaternionAttentionGate
 from aqcf.nn.blocks import (
@@ -38,6 +43,8 @@ from aqcf.nn.fusion import (
     SHARED_WEIGHTS,
     AQCFBlock,
     check_gate,
+    check_modalities,
+    direction_name,
 )
 from aqcf.nn.quaternion import AUTO, QUATERNION_COMPONENTS, quaternion_cat, set_quaternion_product
 
@@ -214,12 +221,16 @@ class AQCFNet(nn.Module):
         absent_context: what :meth:`forward_single` does with the context from the absent stream:
             ``"zero-filled"`` (eq. 17: the absent stream runs on zeros through the trained gates) or
             ``"off"`` (``λ = 0`` at every stage, eq. 10). Changes no parameter.
+        modalities: the names of the streams, unique lowercase identifiers; they key the submodule
+            dicts (``stems``, ``encoders``, ``decoders``, ``heads``), so the default pair keeps the
+            two-stream ``state_dict`` keys. One name builds no A-QCF blocks.
 
     The defaults are the network as first built (reading ``"current"`` of :data:`READINGS`).
 
     Attributes:
-        last_gates: after each forward, ``{"stage{s}/mri_to_ct": λ, "stage{s}/ct_to_mri": λ}`` with
-            detached λ of shape ``(B,)`` for ``s = 1..n`` (empty without cross-fusion).
+        last_gates: after each forward, ``{"stage{s}/{source}_to_{target}": λ}`` (for the default
+            pair ``"stage{s}/mri_to_ct"`` and ``"stage{s}/ct_to_mri"``), one per ordered pair of
+            streams, with detached λ of shape ``(B,)`` for ``s = 1..n`` (empty without cross-fusion).
         last_context_rms: the same keys, the RMS of the gated context ``λ · C_raw`` each direction
             added to its target stream, detached, ``(B,)``.
     """
@@ -243,8 +254,10 @@ class AQCFNet(nn.Module):
         decoder_convs: int = 2,
         bottleneck_convs: int = 2,
         absent_context: str = ZERO_FILLED,
+        modalities: Sequence[str] = MODALITIES,
     ) -> None:
         super().__init__()
+        self.modalities = check_modalities(modalities)
         widths = tuple(widths)
         for name, value in (
             ("encoder_convs", encoder_convs),
@@ -262,7 +275,8 @@ class AQCFNet(nn.Module):
         self.num_classes = num_classes
         self.widths = widths
         self.gate = check_gate(gate)
-        self.cross_fusion = bool(cross_fusion)
+        # one stream has nothing to fuse with
+        self.cross_fusion = bool(cross_fusion) and len(self.modalities) > 1
         self.algebra = check_algebra(algebra)
         self.bottleneck_mode = bottleneck
         self.attention_gates = bool(attention_gates)
@@ -280,7 +294,7 @@ class AQCFNet(nn.Module):
                     ConvNormAct(in_channels, levels[0], _KERNEL, 1, REAL, slope),
                     ConvNormAct(levels[0], levels[0], _KERNEL, 1, algebra, slope),
                 )
-                for m in MODALITIES
+                for m in self.modalities
             }
         )
         self.encoders = nn.ModuleDict(
@@ -289,12 +303,12 @@ class AQCFNet(nn.Module):
                     EncoderStage(c_in, c_out, algebra, slope, encoder_convs)
                     for c_in, c_out in zip(levels[:-1], levels[1:], strict=True)
                 )
-                for m in MODALITIES
+                for m in self.modalities
             }
         )
         self.fusion = (
             nn.ModuleList(
-                AQCFBlock(c, gate, algebra, gate_reduction, slope, fusion_out_kernel, fusion_weights)
+                AQCFBlock(c, gate, algebra, gate_reduction, slope, fusion_out_kernel, fusion_weights, self.modalities)
                 for c in levels[1:]
             )
             if self.cross_fusion
@@ -308,13 +322,18 @@ class AQCFNet(nn.Module):
             )
 
         self.bottleneck = (
-            make_bottleneck() if bottleneck == SHARED else nn.ModuleDict({m: make_bottleneck() for m in MODALITIES})
+            make_bottleneck()
+            if bottleneck == SHARED
+            else nn.ModuleDict({m: make_bottleneck() for m in self.modalities})
         )
         self.decoders = nn.ModuleDict(
-            {m: Decoder(levels[:-1], bottom, algebra, self.attention_gates, slope, decoder_convs) for m in MODALITIES}
+            {
+                m: Decoder(levels[:-1], bottom, algebra, self.attention_gates, slope, decoder_convs)
+                for m in self.modalities
+            }
         )
         # a real 1x1x1 conv maps the quaternion features back to real class logits
-        self.heads = nn.ModuleDict({m: nn.Conv3d(levels[0], num_classes, 1) for m in MODALITIES})
+        self.heads = nn.ModuleDict({m: nn.Conv3d(levels[0], num_classes, 1) for m in self.modalities})
         self.last_gates: dict[str, Tensor] = {}
         self.last_context_rms: dict[str, Tensor] = {}
         set_quaternion_product(self, quaternion_product)
@@ -332,89 +351,163 @@ class AQCFNet(nn.Module):
                 f"{self.divisor} ({self.num_stages} halvings); pad the patch"
             )
 
+    def _stream(self, modality: str) -> str:
+        """``modality`` lower-cased if it names a stream of this network, else :class:`AqcfError`."""
+        value = str(modality).lower()
+        if value not in self.modalities:
+            raise AqcfError(f"modality {modality!r} is not a stream of this network {self.modalities}")
+        return value
+
+    def _check_images(self, images: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``images`` keyed by stream name in ``modalities`` order, every tensor checked, shapes equal."""
+        if not isinstance(images, Mapping) or not images:
+            raise AqcfError(f"expected a non-empty mapping from stream name to image, streams {self.modalities}")
+        named = {self._stream(m): x for m, x in images.items()}
+        if len(named) != len(images):
+            raise AqcfError(f"input streams {list(images)} name a stream twice")
+        for m, x in named.items():
+            self._check_input(x, m)
+        first = next(iter(named))
+        for m, x in named.items():
+            if x.shape != named[first].shape:
+                raise AqcfError(
+                    f"{first} input {tuple(named[first].shape)} and {m} input {tuple(x.shape)} differ: the "
+                    f"streams need the same batch size and patch size"
+                )
+        return {m: named[m] for m in self.modalities if m in named}
+
     def _encode(
-        self, ct: Tensor, mri: Tensor, absent: str | None = None
+        self, *args: Tensor | str | tuple[str, ...] | None
     ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
         """Stems, encoder stages and A-QCF blocks; sets ``last_gates`` and ``last_context_rms``.
 
-        ``absent``: a modality whose context into the other stream is switched off (``λ = 0``).
+        Args:
+            *args: one checked image per stream in ``modalities`` order, then optionally ``absent``:
+                a stream name or a tuple of names whose context into every other stream is switched
+                off (``λ = 0``), ``None`` for none. For the default pair this is the two-stream
+                signature ``_encode(ct, mri, absent)`` (which tests spy on).
 
         Returns:
             the deepest features per modality and the skips (shallow to deep, one per decoder stage).
         """
-        features = {CT: self.stems[CT](ct), MRI: self.stems[MRI](mri)}
-        levels: dict[str, list[Tensor]] = {m: [features[m]] for m in MODALITIES}
+        n = len(self.modalities)
+        images = dict(zip(self.modalities, args[:n], strict=True))
+        absent = args[n] if len(args) > n else None
+        features = {m: self.stems[m](images[m]) for m in self.modalities}
+        levels: dict[str, list[Tensor]] = {m: [features[m]] for m in self.modalities}
         gates: dict[str, Tensor] = {}
         context_rms: dict[str, Tensor] = {}
+        n = len(self.modalities)
         for s in range(self.num_stages):
-            features = {m: self.encoders[m][s](features[m]) for m in MODALITIES}
+            features = {m: self.encoders[m][s](features[m]) for m in self.modalities}
             if self.fusion is not None:
                 block = self.fusion[s]
-                f_ct, f_mri, gate_mri_to_ct, gate_ct_to_mri = block(features[CT], features[MRI], absent)
-                features = {CT: f_ct, MRI: f_mri}
-                gates[f"stage{s + 1}/mri_to_ct"] = gate_mri_to_ct.detach().flatten()
-                gates[f"stage{s + 1}/ct_to_mri"] = gate_ct_to_mri.detach().flatten()
+                out = block(*(features[m] for m in self.modalities), absent=absent)
+                features = dict(zip(self.modalities, out[:n], strict=True))
+                for (source, target), gate in zip(block.directions, out[n:], strict=True):
+                    gates[f"stage{s + 1}/{direction_name(source, target)}"] = gate.detach().flatten()
                 context_rms.update({f"stage{s + 1}/{d}": v for d, v in block.last_context_rms.items()})
-            for m in MODALITIES:
+            for m in self.modalities:
                 levels[m].append(features[m])
         self.last_gates = gates
         self.last_context_rms = context_rms
-        return {m: levels[m][-1] for m in MODALITIES}, {m: levels[m][:-1] for m in MODALITIES}
+        return {m: levels[m][-1] for m in self.modalities}, {m: levels[m][:-1] for m in self.modalities}
 
     def _decode(self, modality: str, deepest: Tensor, skips: list[Tensor]) -> Tensor:
         # the shared bottleneck is applied to each stream on its own (never batched together), so a
-        # stream's output does not depend on whether the other stream is decoded too
+        # stream's output does not depend on whether another stream is decoded too
         bottom = self._bottleneck(modality)(deepest)
         return self.heads[modality](self.decoders[modality](bottom, skips))
 
-    def forward(self, ct: Tensor, mri: Tensor) -> tuple[Tensor, Tensor]:
-        """Joint pass on one CT and one MRI batch (unpaired: only the shapes correspond).
+    def forward(self, *images: Tensor) -> tuple[Tensor, ...]:
+        """Joint pass, one batch per stream in ``modalities`` order: ``net(ct, mri)`` for the default pair.
+
+        The batches are unpaired: only the shapes correspond.
 
         Args:
-            ct: ``(B, in_channels, X, Y, Z)``, each axis divisible by ``2**num_stages``.
-            mri: same shape as ``ct``.
+            *images: ``(B, in_channels, X, Y, Z)`` each, each axis divisible by ``2**num_stages``, all
+                of the same shape.
 
         Returns:
-            ``(logits_ct, logits_mri)``, each ``(B, num_classes, X, Y, Z)``.
+            the logits per stream in ``modalities`` order (``(logits_ct, logits_mri)``), each
+            ``(B, num_classes, X, Y, Z)``.
         """
-        self._check_input(ct, CT)
-        self._check_input(mri, MRI)
-        if ct.shape != mri.shape:
-            raise AqcfError(
-                f"ct input {tuple(ct.shape)} and mri input {tuple(mri.shape)} differ: the two streams need "
-                f"the same batch size and patch size"
-            )
-        deepest, skips = self._encode(ct, mri)
-        return self._decode(CT, deepest[CT], skips[CT]), self._decode(MRI, deepest[MRI], skips[MRI])
+        if len(images) != len(self.modalities):
+            raise AqcfError(f"got {len(images)} input batches: expected one per stream {self.modalities}")
+        logits = self.forward_streams(dict(zip(self.modalities, images, strict=True)))
+        return tuple(logits[m] for m in self.modalities)
+
+    def forward_streams(self, images: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Joint pass on every stream: ``{name: (B, in_channels, X, Y, Z)}`` -> ``{name: logits}``.
+
+        Every stream of ``modalities`` must be given, all of one shape; :meth:`forward_present` takes
+        a subset.
+        """
+        named = self._check_images(images)
+        missing = [m for m in self.modalities if m not in named]
+        if missing:
+            raise AqcfError(f"no input for stream(s) {missing}: forward_present zero-fills absent streams")
+        deepest, skips = self._encode(*named.values())
+        return {m: self._decode(m, deepest[m], skips[m]) for m in self.modalities}
+
+    def forward_present(
+        self,
+        images: Mapping[str, Tensor],
+        outputs: Sequence[str] | None = None,
+        absent_context: str | None = None,
+    ) -> dict[str, Tensor]:
+        """Inference on the streams present (eq. 17): every absent stream gets zeros.
+
+        Every encoder and A-QCF block runs as in training (absent streams on zeros); only the
+        bottleneck passes and decoders of the streams not asked for are skipped, which feed nothing
+        the requested logits depend on, so each result equals :meth:`forward_streams` with zero tensors
+        for the absent streams. ``absent_context="off"`` sets ``λ = 0`` (and ``C_raw = 0``) at every
+        stage for every direction whose source is absent (eq. 10), so a stream present alone gets
+        ``QConv_out(concat[F, 0])`` from every block.
+
+        Args:
+            images: ``{name: (B, in_channels, X, Y, Z)}`` for the present streams, all of one shape.
+            outputs: the streams whose logits to compute; ``None``: the present streams.
+            absent_context: ``"zero-filled"`` or ``"off"``; ``None`` takes ``self.absent_context``.
+
+        Returns:
+            ``{name: (B, num_classes, X, Y, Z)}`` for ``outputs``, in that order.
+        """
+        mode = self.absent_context if absent_context is None else _check_absent_context(absent_context)
+        present = self._check_images(images)
+        wanted = tuple(present) if outputs is None else tuple(dict.fromkeys(self._stream(m) for m in outputs))
+        if not wanted:
+            raise AqcfError("outputs=[]: ask for the logits of at least one stream")
+        like = next(iter(present.values()))
+        full = {m: present[m] if m in present else torch.zeros_like(like) for m in self.modalities}
+        off = tuple(m for m in self.modalities if m not in present) if mode == CONTEXT_OFF else ()
+        # one absent stream is named as the two-stream network always named it
+        absent = None if not off else off[0] if len(off) == 1 else off
+        deepest, skips = self._encode(*full.values(), absent)
+        return {m: self._decode(m, deepest[m], skips[m]) for m in wanted}
 
     def forward_single(self, x: Tensor, modality: str, absent_context: str | None = None) -> Tensor:
-        """Unimodal inference (eq. 17): the absent stream gets zeros, the graph is the training graph.
+        """Unimodal inference (eq. 17): the absent streams get zeros, the graph is the training graph.
 
-        Both encoders and the A-QCF blocks run as in training; only the absent stream's bottleneck
-        pass and decoder are skipped, which feed nothing the present output depends on, so the result
-        equals ``forward`` with a zero tensor for the other stream. The zero-filled absent stream is
-        not zero after its first norm layer (and is filled with the present stream's features by the
-        other direction), so the present stream does receive context from it;
-        ``absent_context="off"`` sets that direction's ``λ`` to 0 at every stage instead, so every
-        A-QCF block gives the present stream ``QConv_out(concat[F, 0])`` (eq. 10).
+        :meth:`forward_present` with ``{modality: x}``. Every encoder and the A-QCF blocks run as in
+        training; only the absent streams' bottleneck passes and decoders are skipped, which feed
+        nothing the present output depends on, so the result equals ``forward`` with zero tensors for
+        the other streams. A zero-filled absent stream is not zero after its first norm layer (and is
+        filled with the present stream's features by the other direction), so the present stream does
+        receive context from it; ``absent_context="off"`` sets those directions' ``λ`` to 0 at every
+        stage instead, so every A-QCF block gives the present stream ``QConv_out(concat[F, 0])``
+        (eq. 10).
 
         Args:
             x: ``(B, in_channels, X, Y, Z)``.
-            modality: ``"ct"`` or ``"mri"``.
+            modality: a stream name (``"ct"`` or ``"mri"`` for the default pair), any case.
             absent_context: ``"zero-filled"`` or ``"off"``; ``None`` takes ``self.absent_context``.
 
         Returns:
             logits of ``modality``, ``(B, num_classes, X, Y, Z)``.
         """
-        modality = check_modality(modality)
-        mode = self.absent_context if absent_context is None else _check_absent_context(absent_context)
-        self._check_input(x, modality)
-        absent = torch.zeros_like(x)
-        ct, mri = (x, absent) if modality == CT else (absent, x)
-        absent_modality = (MRI if modality == CT else CT) if mode == CONTEXT_OFF else None
-        deepest, skips = self._encode(ct, mri, absent_modality)
-        return self._decode(modality, deepest[modality], skips[modality])
-
+        modality = self._stream(modality)
+        return self.forward_present({modality: x}, absent_context=absent_context)[modality]
 
 def _check_absent_context(value: str) -> str:
     if value not in ABSENT_CONTEXTS:

@@ -5,17 +5,23 @@ so the paper-sized network and its real-valued twin are counted in about a secon
 
 ``--reading NAME`` counts one of the named readings of section 3.2.3 (:data:`READINGS`) on top of the
 other options; ``--reading all`` prints one line per reading with its growth relative to 31.5 M.
+
+Above the table of parts, the configured network is counted again with 1 to 4 streams
+(``modalities``): stems, encoders, decoders and heads grow with M; with separate A-QCF weights the
+directions' projections and gate MLPs grow with M(M-1) and the ``QConv_out`` with M.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from aqcf.cli import ArgumentParser
+from aqcf.constants import MODALITIES
 from aqcf.networks.aqcfnet import (
     BOTTLENECKS,
     DEFAULT_READING,
@@ -27,10 +33,23 @@ from aqcf.networks.aqcfnet import (
     count_parameters,
 )
 from aqcf.nn.blocks import ALGEBRAS, QUATERNION, REAL
-from aqcf.nn.fusion import ADAPTIVE, FUSION_WEIGHTS, GATES, OUT_KERNELS, SEPARATE_WEIGHTS
+from aqcf.nn.fusion import ADAPTIVE, FUSION_WEIGHTS, GATES, OUT_KERNELS
 
-__all__ = ["parameter_table", "format_table", "reading_rows", "format_readings", "growth", "main"]
+__all__ = [
+    "parameter_table",
+    "format_table",
+    "reading_rows",
+    "format_readings",
+    "stream_names",
+    "stream_rows",
+    "format_streams",
+    "growth",
+    "main",
+]
 ALL_READINGS = "all"
+STREAM_COUNTS = (1, 2, 3, 4)
+# the options' defaults are the network's, so a change of AQCFNet's defaults reaches the summary
+_DEFAULTS = {name: p.default for name, p in inspect.signature(AQCFNet).parameters.items()}
 
 
 def growth(total: int) -> str:
@@ -49,18 +68,19 @@ def _attention_gates(net: AQCFNet) -> list[nn.Module]:
 
 
 def _parts(net: AQCFNet) -> list[tuple[str, int]]:
+    streams = " + ".join(m.upper() for m in net.modalities)
     rows = [
-        ("stems (CT + MRI)", count_parameters(net.stems)),
-        ("encoders (CT + MRI)", count_parameters(net.encoders)),
+        (f"stems ({streams})", count_parameters(net.stems)),
+        (f"encoders ({streams})", count_parameters(net.encoders)),
     ]
     fusion = net.fusion if net.fusion is not None else []
     rows.append(("A-QCF fusion blocks", sum(count_parameters(b) for b in fusion)))
     rows += [(f"  stage {s + 1}", count_parameters(b)) for s, b in enumerate(fusion)]
     shared = "shared" if net.bottleneck_mode == SHARED else "separate"
     rows.append((f"bottleneck ({shared})", count_parameters(net.bottleneck)))
-    rows.append(("decoders (CT + MRI)", count_parameters(net.decoders)))
+    rows.append((f"decoders ({streams})", count_parameters(net.decoders)))
     rows.append(("  of which attention gates", sum(count_parameters(g) for g in _attention_gates(net))))
-    rows.append(("heads (CT + MRI)", count_parameters(net.heads)))
+    rows.append((f"heads ({streams})", count_parameters(net.heads)))
     rows.append(("total", count_parameters(net)))
     return rows
 
@@ -102,6 +122,38 @@ def format_readings(rows: Sequence[tuple[str, int]]) -> str:
     return "\n".join(lines)
 
 
+def stream_names(count: int, modalities: Sequence[str] = MODALITIES) -> tuple[str, ...]:
+    """``count`` stream names: ``modalities`` cut or extended by ``stream3``, ``stream4``, ..."""
+    names = list(modalities[:count])
+    i = len(names)
+    while len(names) < count:
+        i += 1
+        if f"stream{i}" not in names:
+            names.append(f"stream{i}")
+    return tuple(names)
+
+
+def stream_rows(counts: Sequence[int] = STREAM_COUNTS, **kwargs) -> list[tuple[int, int]]:
+    """``(M, total parameters)`` of the network of ``kwargs`` built with M streams, for each M."""
+    modalities = tuple(kwargs.pop("modalities", MODALITIES))
+    return [(m, count_parameters(_build(**kwargs, modalities=stream_names(m, modalities)))) for m in counts]
+
+
+def format_streams(rows: Sequence[tuple[int, int]]) -> str:
+    """A plain-text table of :func:`stream_rows`: total, growth over one stream fewer, and vs 31.5 M."""
+    lines = [
+        "Parameters of this network with M streams: stems, encoders, decoders and heads x M; separate A-QCF",
+        "weights: QConv_q/k/v and gate MLP x M(M-1) directions, QConv_out x M; shared A-QCF weights: one set",
+        f"{'streams':<10}{'parameters':>15}{'added stream':>15}  vs 31.5 M",
+    ]
+    previous = None
+    for m, total in rows:
+        added = "" if previous is None else f"{total - previous:+,}"
+        lines.append(f"{'M = ' + str(m):<10}{total:>15,}{added:>15}  {growth(total)}")
+        previous = total
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="aqcf summary", description=__doc__)
     parser.add_argument(
@@ -128,13 +180,15 @@ def main(argv: list[str] | None = None) -> int:
         default=True,
         help="attention-gated decoder skips (default: on)",
     )
-    parser.add_argument("--fusion-out-kernel", type=int, choices=OUT_KERNELS, default=3,
+    parser.add_argument("--fusion-out-kernel", type=int, choices=OUT_KERNELS, default=_DEFAULTS["fusion_out_kernel"],
                         help="kernel of the A-QCF blocks' QConv_out (default: %(default)s)")
-    parser.add_argument("--fusion-weights", choices=FUSION_WEIGHTS, default=SEPARATE_WEIGHTS,
-                        help="A-QCF weights per direction or shared by both (default: %(default)s)")
+    parser.add_argument("--fusion-weights", choices=FUSION_WEIGHTS, default=_DEFAULTS["fusion_weights"],
+                        help="A-QCF weights per direction or shared by all (default: %(default)s)")
     for part in ("encoder", "decoder", "bottleneck"):
-        parser.add_argument(f"--{part}-convs", type=int, default=2,
+        parser.add_argument(f"--{part}-convs", type=int, default=_DEFAULTS[f"{part}_convs"],
                             help=f"conv blocks per {part} stage (default: %(default)s)")
+    parser.add_argument("--modalities", nargs="+", default=list(MODALITIES),
+                        help="stream names (default: %(default)s); the M-streams table extends or cuts them")
     parser.add_argument(
         "--reading",
         choices=[*READINGS, ALL_READINGS],
@@ -157,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         "encoder_convs": args.encoder_convs,
         "decoder_convs": args.decoder_convs,
         "bottleneck_convs": args.bottleneck_convs,
+        "modalities": tuple(args.modalities),
     }
     if args.reading == ALL_READINGS:
         print(format_readings(reading_rows(**kwargs)))
@@ -164,5 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.reading is not None:
         kwargs.update(READINGS[args.reading])
     settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+    # the table of parts last: its final line compares the total with the paper's
+    print(format_streams(stream_rows(**kwargs)))
+    print()
     print(format_table(parameter_table(**kwargs), f"A-QCF-Net ({settings})"))
     return 0

@@ -1,9 +1,12 @@
 """Write ``nstreams_reference.pt``: outputs of the two-stream AQCFNet as built before the N-stream change.
 
-Run once, before the change, with ``.venv/bin/python tests/data/make_nstreams_reference.py``;
+Run on the code before the change (commit 2f547f9), e.g. with that commit's ``aqcf`` package
+unpacked by ``git archive 2f547f9 aqcf | tar -x -C /tmp/old`` and
+``PYTHONPATH=/tmp/old .venv/bin/python tests/data/make_nstreams_reference.py``.
 ``tests/test_nstreams.py`` loads the file and checks that the N-stream code, built for ("ct", "mri"),
-gives the same state-dict keys and bit-identical outputs. Kept for the record: rerunning it after the
-change would compare the new code with itself.
+gives the same state-dict keys and bit-identical outputs. One thread, as in the tests
+(tests/conftest.py): CPU convolutions sum in another order with more threads. Kept for the record:
+rerunning it on the new code would compare the new code with itself.
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def reference(fusion_weights: str) -> dict:
 
 
 def main() -> None:
+    torch.set_num_threads(1)
     torch.save({"kwargs": KWARGS, **{w: reference(w) for w in ("separate", "shared")}}, OUT)
     print(f"{OUT}: {OUT.stat().st_size:,} bytes")
 
