@@ -4,8 +4,10 @@ Each training batch is ``{"ct": {"image", "label", "id"}, "mri": {"image", "labe
 ``image`` (B, 1, X, Y, Z) float32 in [0, 1], ``label`` (B, 1, X, Y, Z) uint8 in {0, 1, 2} (an eighth of
 int64's bytes to collate and copy to the GPU; the module casts it for the loss) and ``id`` the
 B source case ids; B is ``batch_pairs``. The CT and MRI patches come from two independent queues, so
-which CT subject meets which MRI subject is random (eq. 1). Validation, test and prediction yield whole
-preprocessed volumes, one at a time, CT cases first.
+which CT subject meets which MRI subject is random (eq. 1). With ``paired_root`` and ``paired_ratio > 0``
+a share of the batches comes from paired patients instead (:mod:`aqcf.data.paired`): same structure,
+but the CT and MRI of each pair are one patient's, on its CT grid, at one location. Validation, test
+and prediction yield whole preprocessed volumes, one at a time, CT cases first.
 """
 
 from __future__ import annotations
@@ -206,6 +208,12 @@ class UnpairedDataModule(L.LightningDataModule):
             fold's validation cases.
         test_ct_format, test_mri_format: Their layouts.
         progress: Show progress bars while preprocessing.
+        paired_root: A paired CT/MRI cohort (``aqcf synth --paired`` layout,
+            :func:`aqcf.data.phantoms.read_paired`) for fine-tuning; ``None``: none.
+        paired_ratio: Share of training batches that are paired, drawn per step (seeded); 0 keeps the
+            unpaired batches exactly, 1 trains on paired batches only. Needs ``paired_root`` and both cohorts.
+        paired_cases: The ids in ``paired_root`` used for training (``None``: all of them). Patients held
+            out for testing are kept in another folder or left out of this list.
     """
 
     def __init__(
@@ -248,6 +256,9 @@ class UnpairedDataModule(L.LightningDataModule):
         test_mri_root: str | None = None,
         test_mri_format: str = "nnunet",
         progress: bool = True,
+        paired_root: str | None = None,
+        paired_ratio: float = 0.0,
+        paired_cases: list[str] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -261,6 +272,12 @@ class UnpairedDataModule(L.LightningDataModule):
             raise AqcfError(f"data.patch_size {patch_size}: need three positive sizes")
         if batch_pairs < 1 or samples_per_volume < 1 or queue_length < 1:
             raise AqcfError("data: batch_pairs, samples_per_volume and queue_length must be positive")
+        if not 0.0 <= paired_ratio <= 1.0:
+            raise AqcfError(f"data.paired_ratio {paired_ratio}: need a share in [0, 1]")
+        if paired_ratio > 0 and paired_root is None:
+            raise AqcfError(f"data.paired_ratio {paired_ratio}: set data.paired_root, the paired cohort's folder")
+        if paired_root is not None and (ct_root is None or mri_root is None):
+            raise AqcfError("data.paired_root: paired fine-tuning trains both streams; set ct_root and mri_root")
         self.roots = {CT: ct_root, MRI: mri_root}
         self.formats = {CT: ct_format, MRI: mri_format}
         self.test_roots = {CT: test_ct_root, MRI: test_mri_root}
@@ -272,6 +289,7 @@ class UnpairedDataModule(L.LightningDataModule):
         self.train_entries: dict[str, list[dict]] = {}
         self.val_entries: dict[str, list[dict]] = {}
         self.test_entries: dict[str, list[dict]] = {}
+        self.paired_entries: list[dict] = []
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -319,6 +337,27 @@ class UnpairedDataModule(L.LightningDataModule):
             self._splits(modality, manifest)
             if self.test_roots[modality] is not None:
                 self._manifest(modality, self.test_roots[modality], self.test_formats[modality], verify)
+        if self.hparams.get("paired_root") is not None:
+            self._paired(verify)
+
+    def _paired(self, verify: str = "size") -> list[dict]:
+        """The paired training patients, preprocessed (:func:`aqcf.data.paired.preprocess_paired`)."""
+        from aqcf.data.paired import preprocess_paired
+        from aqcf.data.phantoms import read_paired
+
+        root = self.hparams.paired_root
+        cases = read_paired(root)
+        wanted = self.hparams.get("paired_cases")
+        if wanted is not None:
+            unknown = sorted(set(wanted) - {c["id"] for c in cases})
+            if unknown:
+                raise AqcfError(f"{root}: data.paired_cases names {', '.join(unknown)}, not in this paired cohort")
+            cases = [c for c in cases if c["id"] in set(wanted)]
+        with torch.random.fork_rng(devices=[]), _numpy_state_kept():
+            return preprocess_paired(
+                cases, self.preprocess_settings(CT), self.preprocess_settings(MRI), self.hparams.cache_dir,
+                progress=self.hparams.progress, verify=verify,
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Read the manifests and the folds; fill the train / val / test case lists."""
@@ -342,6 +381,8 @@ class UnpairedDataModule(L.LightningDataModule):
                 self.test_entries[modality] = test.entries
             else:
                 self.test_entries[modality] = held_out
+        if self.hparams.get("paired_root") is not None:
+            self.paired_entries = self._paired()
 
     def _queue_loader(self, modality: str, index: int) -> DataLoader:
         import torchio as tio
@@ -413,7 +454,33 @@ class UnpairedDataModule(L.LightningDataModule):
 
         self._require_setup()
         loaders = {m: self._queue_loader(m, i) for i, m in enumerate(self.modalities)}
-        return CombinedLoader(loaders, mode="max_size_cycle")
+        if not self.hparams.get("paired_ratio"):
+            return CombinedLoader(loaders, mode="max_size_cycle")
+        return self._mixed_loader(loaders)
+
+    def _mixed_loader(self, loaders: dict[str, DataLoader]):
+        """Unpaired and paired batches mixed by ``paired_ratio`` (:class:`aqcf.data.paired.MixedBatches`)."""
+        from aqcf.data.paired import MixedBatches, PairedPatches
+
+        hp = self.hparams
+        rank, world = _distributed()
+        # own seeds, apart from the unpaired streams' (7919 * (2 * rank + index)), repeatable under seed_everything
+        seed = (torch.initial_seed() + 1_000_003 * (rank + 1)) % 2**32
+        augment = None
+        if hp.augment:
+            spatial = build_augmentation(self.patch_size, hp.flip_prob, hp.rot90_prob, 0.0, 0.0, 0.0, seed=seed)
+            intensity = {
+                m: build_augmentation(self.patch_size, 0.0, 0.0, hp.intensity_shift, hp.intensity_scale,
+                                      hp.intensity_prob, seed=seed + 1 + i)
+                for i, m in enumerate((CT, MRI))
+            }
+            augment = (spatial, intensity)
+        entries = self.paired_entries[rank::world] or self.paired_entries
+        patches = PairedPatches(entries, self.patch_size, self.label_probabilities, hp.samples_per_volume,
+                                seed=seed + 3, augment=augment)
+        paired = DataLoader(patches, batch_size=hp.batch_pairs, shuffle=False, num_workers=0)
+        return MixedBatches(loaders, paired, hp.paired_ratio, seed=seed + 4,
+                            length=max(len(loader) for loader in loaders.values()))
 
     def _volume_loader(
         self, entries_by_modality: dict[str, list[dict]], with_record: bool = False
