@@ -5,7 +5,9 @@ Defaults added here so every config gets them: a checkpoint callback (best by me
 monitor, atomic checkpoint writes, and a W&B fallback to offline mode when no API key is configured.
 
 Checked before any work starts (one ``aqcf: error:`` line, exit 2, see :mod:`aqcf.cli`): the run folder,
-checkpoint folder and cache folder can be folders; ``--ckpt_path`` (``last`` and ``best`` resolved in
+checkpoint folder and cache folder can be folders; ``--init_from`` (fit only, not with ``--ckpt_path``: the
+weights of a checkpoint for a fresh run, loaded strictly before training; optimizer and counters start anew)
+passes the same check; ``--ckpt_path`` (``last`` and ``best`` resolved in
 ``<run>/checkpoints``) passes :func:`~aqcf.training.checkpoint_io.check_checkpoint`; ``fit`` refuses a
 folder holding checkpoints unless resuming or ``--overwrite true``; ``test`` refuses to replace the
 results in ``<run>/test`` and ``predict`` the masks in its output folder without ``--overwrite true``.
@@ -30,6 +32,7 @@ from aqcf.evaluation.evaluate import METRICS_FILE, SUMMARY_FILE
 from aqcf.inference.writer import PREDICTIONS_DIR, PredictionMaskWriter
 from aqcf.io import check_output, safe_name
 from aqcf.models.segmentation import MONITOR, SegmentationModule
+from aqcf.networks.aqcfnet import complete_network_config
 from aqcf.training.callbacks import ValidationOverlays
 from aqcf.training.checkpoint_io import (
     AtomicCheckpointIO,
@@ -124,6 +127,13 @@ class AqcfCLI(LightningCLI):
             help="fit: start afresh even if the run folder already holds checkpoints (they are replaced); test: "
             "replace the results in <run>/test; predict: replace the masks in the predictions folder",
         )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="fit: start a fresh run from the model weights of this `aqcf fit` checkpoint (strict), without its "
+            "optimizer, schedule or step counters (fine-tuning); --ckpt_path resumes a run instead",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         super().parse_arguments(parser, args)
@@ -157,10 +167,12 @@ class AqcfCLI(LightningCLI):
                     "--ckpt_path last, start afresh with --overwrite true, or choose another --trainer.default_root_dir"
                 )
         self._resume = None
+        self._init_from = _check_init_from(self.subcommand, config)
         ckpt = _resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint)
         if ckpt not in (None, "hpc", "registry"):
             checkpoint = check_checkpoint(ckpt, resume=self.subcommand == "fit")
             config.ckpt_path = ckpt
+            _complete_network(config.model, checkpoint["hyper_parameters"].get("network"))
             if self.subcommand == "fit":
                 normalise_loop_state(checkpoint)
                 self._resume = {key: checkpoint.get(key) for key in ("global_step", "loops")}
@@ -182,12 +194,55 @@ class AqcfCLI(LightningCLI):
                 return
         self.trainer.fit(**kwargs)
 
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        if getattr(self, "_init_from", None) is not None:
+            _load_weights(self.model, self._init_from)
+
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
         strategy = trainer.strategy
         if type(strategy.checkpoint_io).__name__ == "TorchCheckpointIO":
             strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+
+def _complete_network(model_config, trained_network) -> None:
+    """Give ``model_config.network`` the reading arguments a checkpoint predates, as it was built."""
+    network = model_config.get("network") if model_config is not None else None
+    completed = complete_network_config(trained_network)
+    if completed is trained_network or network is None or network.get("class_path") != completed["class_path"]:
+        return
+    for key in set(completed["init_args"]) - set(trained_network.get("init_args") or {}):
+        network.init_args[key] = completed["init_args"][key]
+
+
+def _check_init_from(subcommand: str | None, config) -> str | None:
+    """``--init_from``: for ``fit`` only, not with ``--ckpt_path``, and an aqcf checkpoint."""
+    path = config.get("init_from")
+    if path is None:
+        return None
+    if subcommand != "fit":
+        raise AqcfError(f"--init_from is for `aqcf fit` (a fresh run from trained weights), not `aqcf {subcommand}`")
+    if config.get("ckpt_path") is not None:
+        raise AqcfError(
+            "--init_from starts a fresh run from a checkpoint's weights and --ckpt_path resumes a run: give one of them"
+        )
+    check_checkpoint(path)
+    return str(path)
+
+
+def _load_weights(model, path: str) -> None:
+    """Load a checkpoint's ``state_dict`` into ``model`` (strict); its optimizer and counters are not read."""
+    state = check_checkpoint(path)["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = " ".join(lines[1:3]) if len(lines) > 1 else lines[0] if lines else type(err).__name__
+        raise AqcfError(
+            f"{path}: its weights do not fit this model's network (another architecture or widths?): {detail}"
+        ) from None
 
 
 def _resolve_ckpt_path(ckpt: str | None, checkpoint) -> str | None:
