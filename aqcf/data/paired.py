@@ -50,14 +50,15 @@ __all__ = ["mri_on_ct_grid", "preprocess_paired", "PairedPatches", "augment_pair
 
 
 def mri_on_ct_grid(
-    mri_image: str | Path, mri_label: str | Path | None, ct_reference: str | Path, settings: PreprocessSettings
+    mri_image: str | Path, mri_label: str | Path | None, ct_reference, settings: PreprocessSettings
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """An MRI scan (and label) resampled onto a preprocessed CT grid and windowed to [0, 1].
 
     Args:
         mri_image: The MRI scan (any grid, world-aligned with the CT).
         mri_label: Its label map on its own grid, or ``None``.
-        ct_reference: A NIfTI file on the target grid (the cached, preprocessed CT image).
+        ct_reference: A NIfTI file on the target grid (the cached, preprocessed CT image), or its
+            ``(shape, affine)``.
         settings: The MRI preprocessing (only ``window`` is used: the grid is the CT's).
 
     Returns:
@@ -73,9 +74,10 @@ def mri_on_ct_grid(
         subject.add_image(_load(Path(mri_label), "label"), "label")
         subject = tio.CopyAffine("image")(subject)  # within the gate's tolerance the grids are equal
     low, high = settings.window
+    target = str(ct_reference) if isinstance(ct_reference, str | Path) else ct_reference
     transform = tio.Compose(
         [
-            tio.Resample(str(ct_reference), image_interpolation="linear", label_interpolation="nearest"),
+            tio.Resample(target, image_interpolation="linear", label_interpolation="nearest"),
             tio.Clamp(out_min=low, out_max=high),
             tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high)),
         ]
