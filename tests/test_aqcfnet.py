@@ -95,12 +95,13 @@ def test_ct_loss_reaches_mri_encoder_only_through_cross_fusion():
     assert mri_encoder_gradient(AQCFNet(widths=TINY, cross_fusion=False)) == 0.0
 
 
-def test_shared_bottleneck_is_one_set_of_weights():
-    shared = AQCFNet(widths=TINY)
-    separate = AQCFNet(widths=TINY, bottleneck="separate")
+@pytest.mark.parametrize("convs", [1, 2])  # the default has one
+def test_shared_bottleneck_is_one_set_of_weights(convs):
+    shared = AQCFNet(widths=TINY, bottleneck_convs=convs)
+    separate = AQCFNet(widths=TINY, bottleneck="separate", bottleneck_convs=convs)
     q_in, q_out = TINY[-2], TINY[-1]
-    # two 3x3x3 quaternion convs (4 C_in C_out 27 weights each, no bias) and two affine instance norms
-    one_bottleneck = 4 * q_in * q_out * 27 + 2 * 4 * q_out + 4 * q_out * q_out * 27 + 2 * 4 * q_out
+    # 3x3x3 quaternion convs (4 C_in C_out 27 weights each, no bias), each with an affine instance norm
+    one_bottleneck = 4 * q_in * q_out * 27 + 2 * 4 * q_out + (convs - 1) * (4 * q_out * q_out * 27 + 2 * 4 * q_out)
     assert count_parameters(shared.bottleneck) == one_bottleneck
     assert count_parameters(separate) - count_parameters(shared) == one_bottleneck
 
@@ -185,8 +186,10 @@ def quaternion_layers(net):
 def test_quaternion_product_reaches_every_quaternion_layer(product):
     net = AQCFNet(widths=TINY, quaternion_product=product)
     layers = quaternion_layers(net)
-    # stems, encoders, A-QCF blocks, bottleneck, decoders with their gates and transposed convs
-    assert len(layers) == 2 * (1 + 2 * 4) + 4 * 2 * 4 + 2 + 2 * 4 * (1 + 2 + 2)
+    # per stream a stem and one conv per encoder stage; per A-QCF block one shared QConv_q/k/v and
+    # QConv_out; one bottleneck conv; per stream and decoder stage the transposed conv, W_x and W_g of
+    # the attention gate and two convs
+    assert len(layers) == 2 * (1 + 1 * 4) + 4 * 4 + 1 + 2 * 4 * (1 + 2 + 2)
     assert {layer.product for layer in layers} == {product}
     set_quaternion_product(net, "dense")
     assert {layer.resolved_product("cpu") for layer in layers} == {"dense"}

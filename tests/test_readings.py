@@ -37,20 +37,21 @@ def _fingerprint(net) -> tuple[int, int, str]:
 
 
 @pytest.mark.parametrize("widths", sorted(FIRST_BUILT))
-def test_default_network_is_the_network_as_first_built(widths):
+def test_current_reading_is_the_network_as_first_built(widths):
     with torch.device("meta"):
-        default = AQCFNet(widths=widths)
         current = AQCFNet(widths=widths, **READINGS["current"])
-    assert _fingerprint(default) == FIRST_BUILT[widths]
     assert _fingerprint(current) == FIRST_BUILT[widths]
 
 
-def test_a_default_state_dict_loads_into_the_default_and_the_current_reading():
-    source = AQCFNet(widths=TINY)
-    for kwargs in ({}, {"fusion_weights": "separate", "fusion_out_kernel": 3, "encoder_convs": 2,
-                        "decoder_convs": 2, "bottleneck_convs": 2}):
-        target = AQCFNet(widths=TINY, **kwargs)
-        target.load_state_dict(source.state_dict(), strict=True)
+def test_default_network_is_algorithm_1_with_shared_weights():
+    with torch.device("meta"):
+        default = AQCFNet()
+        explicit = AQCFNet(fusion_weights="shared", fusion_out_kernel=3, encoder_convs=1, decoder_convs=2,
+                           bottleneck_convs=1)
+    assert _fingerprint(default) == _fingerprint(explicit)
+    assert count_parameters(default) == expected_count(PAPER_WIDTHS, fusion_weights="shared", encoder_convs=1,
+                                                       bottleneck_convs=1)
+    assert all(block_.direction("mri_to_ct") is block_.direction("ct_to_mri") for block_ in default.fusion)
 
 
 # ------------------------------------------------------------------ counts by arithmetic on the widths
@@ -196,7 +197,7 @@ def test_absent_context_off_gives_qconv_out_of_features_and_zeros_at_every_stage
 
 
 def test_context_rms_is_the_rms_of_the_gated_context():
-    net = AQCFNet(widths=TINY).eval()
+    net = AQCFNet(widths=TINY, **READINGS["current"]).eval()  # a module per direction: one call hooked
     ct, mri = torch.randn(2, 1, 32, 32, 32), torch.randn(2, 1, 32, 32, 32)
     captured = {}
     transfer = net.fusion[1].mri_to_ct
@@ -243,3 +244,30 @@ def test_explain_reports_the_context_from_the_zero_filled_stream(tiny_run, tmp_p
     assert "Context from the zero-filled absent stream" in (out / "gates.md").read_text()
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["gates"]["absent_context_rms"]) == 8
+
+
+# --------------------------------------------------------------- checkpoints older than the readings
+
+
+def test_a_checkpoint_older_than_the_readings_is_rebuilt_as_it_was_trained(tiny_phantoms, tmp_path):
+    from aqcf.inference.predictor import Predictor
+
+    root = tmp_path / "first"
+    current = ["--config", str(READING_CONFIGS / "current.yaml")]
+    assert main(["fit", *tiny_fit_args(tiny_phantoms, root, *current, *ONE_STEP)]) == 0
+    checkpoint = torch.load(root / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for key in READINGS["current"]:  # as written before the options existed: the keys are absent
+        del checkpoint["hyper_parameters"]["network"]["init_args"][key]
+    old = tmp_path / "old.ckpt"
+    torch.save(checkpoint, old)
+    trained = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
+
+    network = Predictor.from_checkpoint(old).network  # segment, explain, export
+    assert not isinstance(network.fusion[0].direction("mri_to_ct"), type(None))
+    assert network.fusion[0].direction("mri_to_ct") is not network.fusion[0].direction("ct_to_mri")
+    assert all(torch.equal(network.state_dict()[k], v) for k, v in trained.items())
+    assert set(network.state_dict()) == set(trained)
+    # aqcf test with today's default config (another reading) rebuilds the checkpoint's network
+    assert main(["test", *tiny_fit_args(tiny_phantoms, tmp_path / "test"), "--ckpt_path", str(old),
+                 "--trainer.limit_test_batches", "1"]) == 0
+    assert (tmp_path / "test" / "test" / "summary.json").is_file()

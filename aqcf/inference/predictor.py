@@ -326,6 +326,7 @@ class Predictor:
         """
         from aqcf.data.datamodule import preprocess_settings_from_hparams
         from aqcf.models.segmentation import SegmentationModule
+        from aqcf.networks.aqcfnet import complete_network_config
 
         path = Path(path)
         info = load_checkpoint_info(path)
@@ -336,7 +337,9 @@ class Predictor:
                 "preprocessing is unknown; use a checkpoint written by `aqcf fit`"
             )
         try:
-            module = SegmentationModule.load_from_checkpoint(path, map_location="cpu")
+            # a checkpoint older than the reading options is rebuilt as it was trained
+            network = complete_network_config(info["hyper_parameters"].get("network"))
+            module = SegmentationModule.load_from_checkpoint(path, map_location="cpu", network=network)
         except Exception as err:  # a foreign or damaged checkpoint fails in many ways
             raise AqcfError(f"{path}: cannot rebuild the model from this checkpoint ({_first_line(err)})") from err
         served = tuple(getattr(module, "modalities", MODALITIES))

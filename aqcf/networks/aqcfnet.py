@@ -14,8 +14,9 @@ A-QCF block per stage in which every stream receives the summed gated contexts o
 (the paper's future work; docs/model.md, "N streams"); ``M = 1`` is a single-stream U-Net.
 
 The paper leaves the convolutions per stage, the kernel of ``QConv_out`` and whether the two A-QCF
-directions share weights open; :data:`READINGS` names the readings of section 3.2.3 next to the
-default (``"current"``), see docs/model.md §6.
+directions share weights open; :data:`READINGS` names the readings of section 3.2.3: the default
+(``"paper-shared"``), the network as first built (``"current"``) and ``"paper-out1"``, see
+docs/model.md §6.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ __all__ = [
     "ABSENT_CONTEXTS",
     "READINGS",
     "DEFAULT_READING",
+    "FIRST_READING",
+    "complete_network_config",
     "AQCFNet",
     "EncoderStage",
     "DecoderStage",
@@ -74,19 +77,52 @@ BOTTLENECKS = (SHARED, SEPARATE)
 ZERO_FILLED = "zero-filled"  # eq. 17: the absent stream runs on zeros, every gate as trained
 CONTEXT_OFF = "off"  # eq. 10 at every stage: λ = 0 for the context from the absent stream
 ABSENT_CONTEXTS = (ZERO_FILLED, CONTEXT_OFF)
-DEFAULT_READING = "current"
-# Readings of section 3.2.3 (widths 12..256, four stages, A-QCF after each): the AQCFNet arguments
-# that differ from the default. Counts at paper widths in docs/model.md §6.
+DEFAULT_READING = "paper-shared"
+FIRST_READING = "current"
+# Readings of section 3.2.3 (widths 12..256, four stages, A-QCF after each), each written out in full
+# so that it does not depend on the defaults. Counts at paper widths in docs/model.md §6.
 READINGS: dict[str, dict[str, object]] = {
-    DEFAULT_READING: {},
-    # Algorithm 1 as written: one QConv_q/k/v, gate MLP and QConv_out called for both directions
-    "paper-shared": {"fusion_weights": SHARED_WEIGHTS, "encoder_convs": 1, "decoder_convs": 2, "bottleneck_convs": 1},
+    # the default: Algorithm 1 as written (one QConv_q/k/v, gate MLP and QConv_out called for both
+    # directions), a 3x3x3 QConv_out, one conv per encoder stage, two per decoder stage, one in the
+    # bottleneck: 32.0 M parameters at paper widths
+    DEFAULT_READING: {"fusion_out_kernel": 3, "fusion_weights": SHARED_WEIGHTS, "encoder_convs": 1,
+                      "decoder_convs": 2, "bottleneck_convs": 1},
+    # the network as first built (the default of checkpoints written before the readings existed)
+    FIRST_READING: {"fusion_out_kernel": 3, "fusion_weights": SEPARATE_WEIGHTS, "encoder_convs": 2,
+                    "decoder_convs": 2, "bottleneck_convs": 2},
     # a 1x1x1 QConv_out, separate weights per direction
-    "paper-out1": {"fusion_out_kernel": 1, "encoder_convs": 2, "decoder_convs": 1, "bottleneck_convs": 1},
+    "paper-out1": {"fusion_out_kernel": 1, "fusion_weights": SEPARATE_WEIGHTS, "encoder_convs": 2,
+                   "decoder_convs": 1, "bottleneck_convs": 1},
 }
 _KERNEL = 3
 _SCALE = 2  # each encoder stage halves, each decoder stage doubles every axis
 _SPATIAL_NDIM = 3
+
+
+def complete_network_config(network: object) -> object:
+    """A checkpoint's ``network`` hyper-parameters with the reading arguments it predates filled in.
+
+    Checkpoints written before the reading options existed hold the network as first built
+    (:data:`FIRST_READING`) but do not name its arguments, and rebuilding them with today's defaults
+    would give another architecture. For a ``{"class_path", "init_args"}`` mapping whose class takes
+    reading arguments (A-QCF-Net and the networks built from its parts), the arguments missing from
+    ``init_args`` are set to their first-built values; anything else is returned unchanged.
+    """
+    import importlib
+    import inspect
+
+    if not (isinstance(network, Mapping) and isinstance(network.get("class_path"), str)):
+        return network
+    module_name, _, class_name = network["class_path"].rpartition(".")
+    try:
+        parameters = inspect.signature(getattr(importlib.import_module(module_name), class_name)).parameters
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return network
+    init_args = dict(network.get("init_args") or {})
+    missing = {k: v for k, v in READINGS[FIRST_READING].items() if k in parameters and k not in init_args}
+    if not missing:
+        return network
+    return {**network, "init_args": {**init_args, **missing}}
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -225,7 +261,9 @@ class AQCFNet(nn.Module):
             dicts (``stems``, ``encoders``, ``decoders``, ``heads``), so the default pair keeps the
             two-stream ``state_dict`` keys. One name builds no A-QCF blocks.
 
-    The defaults are the network as first built (reading ``"current"`` of :data:`READINGS`).
+    The defaults are reading ``"paper-shared"`` of :data:`READINGS` (Algorithm 1's shared A-QCF
+    weights, 32.0 M parameters at paper widths); reading ``"current"`` is the network as first built,
+    which checkpoints written before these options existed hold (:func:`complete_network_config`).
 
     Attributes:
         last_gates: after each forward, ``{"stage{s}/{source}_to_{target}": λ}`` (for the default
@@ -249,10 +287,10 @@ class AQCFNet(nn.Module):
         gate_reduction: int = DEFAULT_GATE_REDUCTION,
         quaternion_product: str = AUTO,
         fusion_out_kernel: int = 3,
-        fusion_weights: str = SEPARATE_WEIGHTS,
-        encoder_convs: int = 2,
+        fusion_weights: str = SHARED_WEIGHTS,
+        encoder_convs: int = 1,
         decoder_convs: int = 2,
-        bottleneck_convs: int = 2,
+        bottleneck_convs: int = 1,
         absent_context: str = ZERO_FILLED,
         modalities: Sequence[str] = MODALITIES,
     ) -> None:

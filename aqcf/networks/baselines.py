@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from aqcf.constants import CT, MODALITIES, MRI, check_modality
 from aqcf.errors import AqcfError
-from aqcf.networks.aqcfnet import PAPER_WIDTHS, SHARED, AQCFNet
+from aqcf.networks.aqcfnet import DEFAULT_READING, PAPER_WIDTHS, READINGS, SHARED, AQCFNet
 from aqcf.nn.blocks import DEFAULT_NEGATIVE_SLOPE, QUATERNION
 
 __all__ = [
@@ -46,6 +46,7 @@ NNUNET_MIN_FEATURE_SIZE = 4  # smallest edge of a bottleneck feature map, in vox
 _ANISOTROPY_RATIO = 2.0  # an axis pools (and gets 3-wide kernels) while its spacing is within 2x of the finest
 _SINGLE_AXIS_FACTOR = 3  # pooling a lone axis needs at least 3x the minimum feature size
 _SPATIAL_DIMS = 3
+_DEFAULT_READING = READINGS[DEFAULT_READING]  # conv counts per stage: the joint network's
 
 
 class _Wrapper(nn.Module):
@@ -130,8 +131,8 @@ class QuaternionUNet(nn.Module):
     architecture (and, for the same seed, the initial weights) is exactly that network's CT stream.
 
     Args:
-        in_channels, num_classes, widths, algebra, attention_gates, negative_slope: as
-            :class:`~aqcf.networks.aqcfnet.AQCFNet`.
+        in_channels, num_classes, widths, algebra, attention_gates, negative_slope, encoder_convs,
+            decoder_convs, bottleneck_convs: as :class:`~aqcf.networks.aqcfnet.AQCFNet` (same defaults).
 
     Shapes:
         ``(B, in_channels, X, Y, Z)`` -> ``(B, num_classes, X, Y, Z)``, each axis divisible by
@@ -146,6 +147,9 @@ class QuaternionUNet(nn.Module):
         algebra: str = QUATERNION,
         attention_gates: bool = True,
         negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+        encoder_convs: int = _DEFAULT_READING["encoder_convs"],
+        decoder_convs: int = _DEFAULT_READING["decoder_convs"],
+        bottleneck_convs: int = _DEFAULT_READING["bottleneck_convs"],
     ) -> None:
         super().__init__()
         streams = AQCFNet(
@@ -157,6 +161,9 @@ class QuaternionUNet(nn.Module):
             bottleneck=SHARED,
             attention_gates=attention_gates,
             negative_slope=negative_slope,
+            encoder_convs=encoder_convs,
+            decoder_convs=decoder_convs,
+            bottleneck_convs=bottleneck_convs,
         )
         self.in_channels = in_channels
         self.divisor = streams.divisor
@@ -188,8 +195,8 @@ class UnimodalNet(SingleModality):
 
     Args:
         modality: ``"ct"`` or ``"mri"``.
-        in_channels, num_classes, widths, algebra, attention_gates, negative_slope: as
-            :class:`~aqcf.networks.aqcfnet.AQCFNet`.
+        in_channels, num_classes, widths, algebra, attention_gates, negative_slope, encoder_convs,
+            decoder_convs, bottleneck_convs: as :class:`~aqcf.networks.aqcfnet.AQCFNet`.
     """
 
     def __init__(
@@ -201,8 +208,12 @@ class UnimodalNet(SingleModality):
         algebra: str = QUATERNION,
         attention_gates: bool = True,
         negative_slope: float = DEFAULT_NEGATIVE_SLOPE,
+        encoder_convs: int = _DEFAULT_READING["encoder_convs"],
+        decoder_convs: int = _DEFAULT_READING["decoder_convs"],
+        bottleneck_convs: int = _DEFAULT_READING["bottleneck_convs"],
     ) -> None:
-        network = QuaternionUNet(in_channels, num_classes, widths, algebra, attention_gates, negative_slope)
+        network = QuaternionUNet(in_channels, num_classes, widths, algebra, attention_gates, negative_slope,
+                                 encoder_convs, decoder_convs, bottleneck_convs)
         super().__init__(network, modality)
 
 
