@@ -16,9 +16,9 @@ from aqcf.explain.saliency import (
     available_layers,
     check_layer,
     default_layer,
-    extract_window,
     normalise_maps,
 )
+from aqcf.explain.windows import extract_window
 
 WINDOW = (32, 32, 16)  # the tiny run's training patch
 

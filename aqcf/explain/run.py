@@ -18,7 +18,7 @@ cases), preprocessed into the run's cache. With them, every case of the given co
 with the checkpoint's settings.
 
 Each case is analysed on one window of the training patch size centred on its largest tumor
-(:func:`aqcf.explain.saliency.extract_window`), or with ``--whole-volume`` on the whole preprocessed
+(:func:`aqcf.explain.windows.extract_window`), or with ``--whole-volume`` on the whole preprocessed
 volume.
 """
 
@@ -31,7 +31,7 @@ import json
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ import numpy as np
 from aqcf.constants import CT, LABEL, MODALITIES, MRI
 from aqcf.errors import AqcfError
 from aqcf.explain.metrics import METRIC_NAMES
+from aqcf.explain.windows import extract_window
 
 __all__ = [
     "SALIENCY_CSV",
@@ -356,41 +357,67 @@ def _cohort_requests(args) -> dict[str, tuple[str, str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf explain``: returns the exit code."""
+    args, requests = _parse_args(argv)
+    methods = _methods(args.method)
+    predictor, hparams = load_model(args.ckpt, args.device)
+    layers, cases = _select_cases(args, requests, predictor, hparams)
+    window_size = None if args.whole_volume else predictor.window.roi_size
+    explained = _explain_cases(args, predictor, cases, layers, methods, window_size)
+    gates = _gate_statistics(args, predictor, cases, explained.context_rows)
+    summary = _summary(args, layers, methods, window_size, cases, explained.rows, gates)
+    _write_outputs(Path(args.out), args.band_mm, summary, cases, explained, gates)
+    return 0
+
+
+def _parse_args(argv: list[str] | None):
+    """Parse and check the arguments before anything is loaded.
+
+    Returns:
+        ``(args, requests)``: the parsed namespace and the cohorts to analyse,
+        ``{modality: (root, format)}`` (empty: the checkpoint's own test cases).
+
+    Raises:
+        AqcfError: ``--out`` holds results (without ``--overwrite``), an unusable ``--cache``, a bad
+            ``--cases``, ``--figure-cases`` or ``--band-mm``, or inconsistent cohort flags.
+    """
+    from aqcf.io import check_output
+
     args = _parser().parse_args(argv)
-    import torch
-    from tqdm.auto import tqdm
-
-    from aqcf.explain.features import feature_maps, plot_feature_maps
-    from aqcf.explain.gates import GateRecorder, absent_context_key, plot_gates, write_gate_table
-    from aqcf.explain.metrics import saliency_metrics, summarise_saliency
-    from aqcf.explain.saliency import (
-        METHOD_LABELS,
-        METHODS,
-        TUMOR_CLASS,
-        TumorSaliency,
-        extract_window,
-        plot_saliency,
-    )
-    from aqcf.io import check_output, write_text_atomic
-    from aqcf.visualize import pick_slices, save_figure
-
-    out = Path(args.out)
     inputs = [args.ckpt, args.data, *(getattr(args, f"{m}_data") for m in MODALITIES)]
-    _check_out(out, args.overwrite, inputs)
+    _check_out(Path(args.out), args.overwrite, inputs)
     if args.cache:
         check_output(args.cache, kind="cache")
     if args.cases is not None and args.cases < 1:
         raise AqcfError(f"--cases {args.cases}: need a positive number")
     if args.figure_cases < 0 or args.band_mm <= 0:
         raise AqcfError("--figure-cases must be >= 0 and --band-mm > 0")
-    requests = _cohort_requests(args)
-    progress = not args.no_progress
-    methods = METHODS if args.method == "both" else (args.method,)
+    return args, _cohort_requests(args)
 
-    predictor, hparams = load_model(args.ckpt, args.device)
-    network, patch_size, device = predictor.network, predictor.window.roi_size, predictor.device
+
+def _methods(method: str) -> tuple[str, ...]:
+    """The saliency methods of ``--method`` (``"both"``: Grad-CAM and Grad-CAM++)."""
+    from aqcf.explain.saliency import METHODS
+
+    return METHODS if method == "both" else (method,)
+
+
+def _select_cases(args, requests: Mapping, predictor, hparams: Mapping):
+    """The explained layer of each modality and the cases to analyse.
+
+    The layers are resolved before any preprocessing, so a bad ``--layer`` fails fast. The cases are
+    the requested cohorts preprocessed with the checkpoint's settings, else the checkpoint's own test
+    cases, cut to the first ``--cases`` of each modality.
+
+    Returns:
+        ``(layers, cases)``: ``{modality: layer name}`` and ``{modality: [CaseData, ...]}`` (CT before
+        MRI; only modalities with cases).
+
+    Raises:
+        AqcfError: no case to analyse.
+    """
+    progress = not args.no_progress
     planned = [predictor.check_modality(m) for m in requests] if requests else list(predictor.modalities)
-    layers = resolve_layers(network, planned, args.layer)  # before any preprocessing: fail fast
+    layers = resolve_layers(predictor.network, planned, args.layer)  # before any preprocessing: fail fast
     if requests:
         cache = args.cache or hparams.get("cache_dir") or "cache"
         cases = {
@@ -402,12 +429,43 @@ def main(argv: list[str] | None = None) -> int:
     cases = {m: cases[m][: args.cases] for m in MODALITIES if cases.get(m)}
     if not cases:
         raise AqcfError("no case to analyse")
-    window_size = None if args.whole_volume else patch_size
+    return layers, cases
 
-    rows: list[dict] = []
-    saliency_panels: dict[str, list[dict]] = {m: [] for m in cases}
-    feature_panels: dict[str, list[dict]] = {m: [] for m in cases}
-    bar = tqdm(total=sum(len(c) for c in cases.values()), desc="explain", unit="case", disable=not progress)
+
+@dataclass
+class _Explained:
+    """What :func:`_explain_cases` found: one table row per case and method, the figure panels per
+    modality, and the absent-stream context rows (empty without cross fusion)."""
+
+    rows: list[dict]
+    saliency_panels: dict[str, list[dict]]
+    feature_panels: dict[str, list[dict]]
+    context_rows: list
+
+
+def _explain_cases(args, predictor, cases: Mapping, layers: Mapping, methods: Sequence[str], window_size):
+    """Saliency of every case: per method a table row with the localisation scores, and for the first
+    ``--figure-cases`` of each modality the saliency and feature-map panels of one axial slice.
+
+    On the unimodal path it also records what the present stream receives from the zero-filled absent
+    stream (eq. 17), when the network has cross-fusion blocks.
+
+    Args:
+        window_size: the analysed window (X, Y, Z) in voxels (the training patch), or None for the whole
+            volume.
+
+    Returns:
+        An :class:`_Explained`.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from aqcf.explain.gates import GateRecorder, absent_context_key
+    from aqcf.explain.saliency import TumorSaliency
+
+    network, device = predictor.network, predictor.device
+    explained = _Explained([], {m: [] for m in cases}, {m: [] for m in cases}, [])
+    bar = tqdm(total=sum(len(c) for c in cases.values()), desc="explain", unit="case", disable=args.no_progress)
     # what the present stream receives from the zero-filled absent stream on the unimodal path (eq. 17)
     context_recorder = GateRecorder()
     measure_context = getattr(network, "cross_fusion", False) and hasattr(network, "last_context_rms")
@@ -418,78 +476,126 @@ def main(argv: list[str] | None = None) -> int:
                 image, label = case.load()
                 image_w, label_w, window = extract_window(image, label, window_size, network.divisor)
                 x = torch.from_numpy(np.ascontiguousarray(image_w))[None, None].to(device)
-                tumor = label_w == TUMOR_CLASS
                 if measure_context:
                     with torch.no_grad():
                         network.forward_single(x, m, absent_context="zero-filled")
                     context_recorder.update(
                         {k: v for k, v in network.last_context_rms.items() if absent_context_key(k, m)}
                     )
-                maps = {}
-                for method in methods:
-                    saliency = explain(x, method)[0].cpu().numpy()
-                    maps[METHOD_LABELS[method]] = saliency
-                    fallback = bool(explain.score.last_fallback[0])
-                    rows.append(
-                        {
-                            "case": case.id,
-                            "modality": m,
-                            "method": method,
-                            "layer": explain.layer,
-                            "has_tumor": int(bool(tumor.any())),
-                            "tumor_voxels": int(tumor.sum()),
-                            **saliency_metrics(saliency, tumor, case.spacing, band_mm=args.band_mm),
-                            "score_region": "volume (no predicted tumor)" if fallback else args.region,
-                            "region_voxels": int(explain.score.last_region_voxels[0]),
-                            "window_centred_on": window.centred_on,
-                            "window_start": " ".join(map(str, window.start)),
-                            "window_size": " ".join(map(str, window.size)),
-                        }
-                    )
+                maps = _explain_case(args, explain, m, case, x, label_w, window, methods, explained.rows)
                 if case.id in shown:
-                    z = pick_slices(label_w, 1)[0]
-                    panel = {
-                        "name": f"{m.upper()} {case.id}",
-                        "image": image_w[:, :, z],
-                        "label": label_w[:, :, z],
-                        "orientation": case.orientation,
-                        "spacing": case.spacing,
-                    }
-                    saliency_panels[m].append({**panel, "maps": {k: v[:, :, z] for k, v in maps.items()}})
-                    features = feature_maps(network, x, m, method=args.feature_summary)
-                    feature_panels[m].append(
-                        {**panel, "maps": {k: v[0, :, :, z].cpu().numpy() for k, v in features.items()}}
-                    )
+                    _add_panels(args, explained, network, m, case, x, image_w, label_w, maps)
                 bar.update(1)
     bar.close()
+    explained.context_rows = context_recorder.table()
+    return explained
 
-    # Table 6: joint passes on real CT and MRI windows (the gates need both streams)
-    gates: dict = {"pairs": 0}
-    context_rows = context_recorder.table()
+
+def _explain_case(args, explain, m: str, case: CaseData, x, label_w, window, methods, rows: list[dict]) -> dict:
+    """Saliency maps of one case's window ``x`` (1, 1, X, Y, Z) per method; appends a table row per method.
+
+    Returns:
+        ``{method label: (X, Y, Z) map in [0, 1]}``.
+    """
+    from aqcf.explain.metrics import saliency_metrics
+    from aqcf.explain.saliency import METHOD_LABELS, TUMOR_CLASS
+
+    tumor = label_w == TUMOR_CLASS
+    maps = {}
+    for method in methods:
+        saliency = explain(x, method)[0].cpu().numpy()
+        maps[METHOD_LABELS[method]] = saliency
+        fallback = bool(explain.score.last_fallback[0])
+        rows.append(
+            {
+                "case": case.id,
+                "modality": m,
+                "method": method,
+                "layer": explain.layer,
+                "has_tumor": int(bool(tumor.any())),
+                "tumor_voxels": int(tumor.sum()),
+                **saliency_metrics(saliency, tumor, case.spacing, band_mm=args.band_mm),
+                "score_region": "volume (no predicted tumor)" if fallback else args.region,
+                "region_voxels": int(explain.score.last_region_voxels[0]),
+                "window_centred_on": window.centred_on,
+                "window_start": " ".join(map(str, window.start)),
+                "window_size": " ".join(map(str, window.size)),
+            }
+        )
+    return maps
+
+
+def _add_panels(args, explained: _Explained, network, m: str, case: CaseData, x, image_w, label_w, maps) -> None:
+    """The figure panels of one shown case: one axial slice through its tumor, with the saliency maps
+    (Figure 7) and the channel-summarised feature maps (Figure 8)."""
+    from aqcf.explain.features import feature_maps
+    from aqcf.visualize import pick_slices
+
+    z = pick_slices(label_w, 1)[0]
+    panel = {
+        "name": f"{m.upper()} {case.id}",
+        "image": image_w[:, :, z],
+        "label": label_w[:, :, z],
+        "orientation": case.orientation,
+        "spacing": case.spacing,
+    }
+    explained.saliency_panels[m].append({**panel, "maps": {k: v[:, :, z] for k, v in maps.items()}})
+    features = feature_maps(network, x, m, method=args.feature_summary)
+    explained.feature_panels[m].append(
+        {**panel, "maps": {k: v[0, :, :, z].cpu().numpy() for k, v in features.items()}}
+    )
+
+
+@dataclass
+class _Gates:
+    """The gate statistics: ``summary`` (the ``gates`` entry of ``summary.json``), and where joint passes
+    ran, the ``recorder`` of λ and its ``rows`` (else None and empty)."""
+
+    summary: dict
+    recorder: object | None = None
+    rows: list = field(default_factory=list)
+
+
+def _gate_statistics(args, predictor, cases: Mapping, context_rows: Sequence = ()) -> _Gates:
+    """Table 6: λ per encoder stage and direction from joint passes on real CT and MRI windows (the
+    gates need both streams), skipped with ``--no-gates``, without both modalities, or without
+    cross-fusion blocks."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from aqcf.explain.gates import GateRecorder
+
+    network, patch_size, device = predictor.network, predictor.window.roi_size, predictor.device
+    gates = _Gates({"pairs": 0})
     if context_rows:
-        gates["absent_context_rms"] = [row._asdict() for row in context_rows]
+        gates.summary["absent_context_rms"] = [row._asdict() for row in context_rows]
     pairs = pair_cases(cases.get(CT, []), cases.get(MRI, []))
     if args.no_gates:
-        gates["skipped"] = "--no-gates"
+        gates.summary["skipped"] = "--no-gates"
     elif not pairs:
-        gates["skipped"] = "the gates need both CT and MRI cases"
+        gates.summary["skipped"] = "the gates need both CT and MRI cases"
     elif not getattr(network, "cross_fusion", True):
-        gates["skipped"] = "the network has no cross-fusion blocks"
+        gates.summary["skipped"] = "the network has no cross-fusion blocks"
     else:
-        recorder = GateRecorder()
+        gates.recorder = GateRecorder()
         with torch.no_grad():
-            for ct_case, mri_case in tqdm(pairs, desc="gates", unit="pair", disable=not progress):
+            for ct_case, mri_case in tqdm(pairs, desc="gates", unit="pair", disable=args.no_progress):
                 windows = [extract_window(*c.load(), patch_size, network.divisor)[0] for c in (ct_case, mri_case)]
                 ct_x, mri_x = (torch.from_numpy(np.ascontiguousarray(w))[None, None].to(device) for w in windows)
                 network(ct_x, mri_x)
-                recorder.update(network.last_gates)
-        gate_rows = recorder.table()
-        write_gate_table(gate_rows, out, context=context_rows)
-        plot_gates(recorder, out / "gates.png", title=f"Adaptive gates λ over {len(pairs)} CT-MRI window pairs")
-        gates.update(pairs=len(pairs), pairing="i-th CT case with i-th MRI case, shorter list cycled",
-                     rows=[row._asdict() for row in gate_rows])
+                gates.recorder.update(network.last_gates)
+        gates.rows = gates.recorder.table()
+        gates.summary.update(pairs=len(pairs), pairing="i-th CT case with i-th MRI case, shorter list cycled",
+                             rows=[row._asdict() for row in gates.rows])
+    return gates
 
-    summary = {
+
+def _summary(args, layers: Mapping, methods: Sequence[str], window_size, cases: Mapping, rows, gates: _Gates) -> dict:
+    """The content of ``summary.json``: the settings, :func:`~aqcf.explain.metrics.summarise_saliency`
+    per method, and the gate statistics."""
+    from aqcf.explain.metrics import summarise_saliency
+
+    return {
         "checkpoint": str(Path(args.ckpt).resolve()),
         "layers": {m: layers[m] for m in cases},
         "methods": list(methods),
@@ -501,27 +607,44 @@ def main(argv: list[str] | None = None) -> int:
         "saliency": {
             method: summarise_saliency([r for r in rows if r["method"] == method]) for method in methods
         },
-        "gates": gates,
+        "gates": gates.summary,
     }
+
+
+def _write_outputs(
+    out: Path, band_mm: float, summary: Mapping, cases: Mapping, explained: _Explained, gates: _Gates
+) -> None:
+    """Write the gate table and figure, ``saliency.csv``, ``summary.json``, ``summary.md`` and the
+    figures into ``out``; remove the results of an earlier run this one did not redo; print the
+    summary table (stdout) and the written paths (stderr)."""
+    from aqcf.explain.features import plot_feature_maps
+    from aqcf.explain.gates import plot_gates, write_gate_table
+    from aqcf.explain.saliency import plot_saliency
+    from aqcf.io import write_text_atomic
+    from aqcf.visualize import save_figure
+
+    if gates.recorder is not None:
+        write_gate_table(gates.rows, out, context=explained.context_rows)
+        plot_gates(gates.recorder, out / "gates.png",
+                   title=f"Adaptive gates λ over {gates.summary['pairs']} CT-MRI window pairs")
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    write_text_atomic(out / SALIENCY_CSV, _csv_text(rows))
+    write_text_atomic(out / SALIENCY_CSV, _csv_text(explained.rows))
     write_text_atomic(out / SUMMARY_JSON, json.dumps(_no_nan(summary), indent=2, allow_nan=False) + "\n")
-    markdown = _summary_markdown(summary, args.band_mm)
+    markdown = _summary_markdown(summary, band_mm)
     write_text_atomic(out / SUMMARY_MD, markdown)
     written += [SALIENCY_CSV, SUMMARY_JSON, SUMMARY_MD]
     ordered = [m for m in FIGURE_ORDER if m in cases]
-    saliency_rows = [row for m in ordered for row in saliency_panels[m]]
+    saliency_rows = [row for m in ordered for row in explained.saliency_panels[m]]
     if saliency_rows:
         save_figure(plot_saliency(saliency_rows, title="Tumor-class saliency"), out / SALIENCY_PNG)
-        feature_rows = [row for m in ordered for row in feature_panels[m]]
+        feature_rows = [row for m in ordered for row in explained.feature_panels[m]]
         save_figure(plot_feature_maps(feature_rows, title="Feature maps"), out / FEATURES_PNG)
         written += [SALIENCY_PNG, FEATURES_PNG]
-    if gates["pairs"]:
+    if gates.summary["pairs"]:
         written += list(GATE_FILES)
     for name in OUTPUT_FILES:  # with --overwrite, results of an earlier run this one did not redo
         if name not in written:
             (out / name).unlink(missing_ok=True)
     print(markdown)
     print(f"wrote {', '.join(str(out / name) for name in written)}", file=sys.stderr)
-    return 0
