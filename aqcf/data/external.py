@@ -35,7 +35,7 @@ import os
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -84,6 +84,30 @@ def default_cache_dir() -> Path:
 
 def _subfolders(folder: Path) -> list[Path]:
     return [p for p in sorted(folder.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+
+
+def _find_folders(root: Path, is_target: Callable[[Path], object], max_depth: int = SEARCH_DEPTH) -> list[Path]:
+    """The folders ``is_target`` accepts, ``root`` and up to ``max_depth`` levels below it, breadth
+    first; an accepted folder is not searched further."""
+    found, frontier = [], [root]
+    for _ in range(max_depth + 1):
+        next_frontier = []
+        for folder in frontier:
+            if is_target(folder):
+                found.append(folder)
+                continue
+            next_frontier += _subfolders(folder)
+        frontier = next_frontier
+    return found
+
+
+def _merge_masks(shape: tuple, masks: Iterable[tuple[int, np.ndarray]]) -> np.ndarray:
+    """A uint8 label map of ``shape`` from ``(value, boolean mask)`` pairs painted in turn, so a later
+    value overrides an earlier one (tumor after liver: 2 overrides 1)."""
+    label = np.zeros(shape, dtype=np.uint8)
+    for value, mask in masks:
+        label[mask] = value
+    return label
 
 
 def _file_signature(paths: Sequence[Path], root: Path) -> str:
@@ -221,15 +245,7 @@ def find_ircadb_patients(root: str | Path, max_depth: int = SEARCH_DEPTH) -> lis
     root = Path(root)
     if not root.is_dir():
         raise AqcfError(f"{root}: 3D-IRCADb-01 folder not found")
-    found, frontier = [], [root]
-    for _ in range(max_depth + 1):
-        next_frontier = []
-        for folder in frontier:
-            if IRCADB_PATIENT_PATTERN.match(folder.name):
-                found.append(folder)
-                continue
-            next_frontier += _subfolders(folder)
-        frontier = next_frontier
+    found = _find_folders(root, lambda folder: IRCADB_PATIENT_PATTERN.match(folder.name), max_depth)
     numbers = {}
     for folder in found:
         number = int(IRCADB_PATIENT_PATTERN.match(folder.name).group(1))
@@ -376,11 +392,10 @@ def convert_ircadb_patient(
     integral = slopes == {1.0} and all(i.is_integer() for i in intercepts)
     volume = volume.astype(np.int16 if integral else np.float32)
 
-    label = np.zeros(volume.shape, dtype=np.uint8)
-    for structure, value in [(s, LIVER_LABEL) for s in livers] + [(s, TUMOR_LABEL) for s in tumors]:
-        name = f"{folder}/MASKS_DICOM/{structure}"
-        mask = _mask_volume(sources.mask_slices(structure), image_slices, volume.shape, name)
-        label[mask] = value  # tumor comes after liver, so 2 overrides 1
+    label = _merge_masks(volume.shape, (  # tumor comes after liver, so 2 overrides 1
+        (value, _mask_volume(sources.mask_slices(s), image_slices, volume.shape, f"{folder}/MASKS_DICOM/{s}"))
+        for s, value in [(s, LIVER_LABEL) for s in livers] + [(s, TUMOR_LABEL) for s in tumors]
+    ))
 
     save_nifti_atomic(_nifti(volume, affine), image_path)
     save_nifti_atomic(_nifti(label, affine), label_path)
@@ -470,6 +485,64 @@ def _as_nifti(path: Path, cache: Path) -> Path:
     return target
 
 
+def _is_mask(path: Path) -> bool:
+    """Whether a LiverHccSeg file's name marks it as a mask (:data:`MASK_WORDS`), never an image."""
+    stem = _strip_suffix(path.name).lower()
+    return any(word in stem for word in MASK_WORDS)
+
+
+def _image_files(folder: Path, recursive: bool = False) -> list[Path]:
+    """The image files (:data:`IMAGE_SUFFIXES`, not hidden) in ``folder``, or anywhere below it, sorted."""
+    found = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in found if p.is_file() and not p.name.startswith(".") and _strip_suffix(p.name))
+
+
+def _liverhccseg_case_folders(root: Path, image_glob: str) -> list[Path]:
+    """The case folders: folders below ``root`` (not ``root`` itself) holding an image matching
+    ``image_glob`` directly, in natural order of their names."""
+
+    def is_case(folder: Path) -> bool:
+        return folder != root and _match_one(_image_files(folder), image_glob, folder, "image", _is_mask) is not None
+
+    return sorted(_find_folders(root, is_case), key=lambda p: natural_key(p.name))
+
+
+def _mask_on_grid(path: Path, converted: Path, image: Path, shape: tuple, affine: np.ndarray) -> np.ndarray:
+    """The boolean mask of ``path`` (any value > 0), which must lie on the image's voxel grid."""
+    mask = gate.load_volume(_as_nifti(path, converted))
+    same_grid = mask.array.shape == shape and np.allclose(mask.affine, affine, atol=AFFINE_TOLERANCE_MM)
+    if not same_grid:
+        raise AqcfError(f"{path}: voxel grid {mask.shape} differs from the image {image.name} {shape}")
+    return mask.array > 0
+
+
+def _liverhccseg_case(folder: Path, image: Path, masks: dict[int, Path | None], cache: Path) -> Case:
+    """One case: its image as NIfTI and its masks merged into ``labelsTs/<case>.nii.gz`` (0/1/2, a
+    missing mask leaves its class empty); nothing is merged when the cache holds the same sources."""
+    converted = cache / "converted" / folder.name
+    image_nifti = _as_nifti(image, converted)
+    label_path = cache / LABELS / f"{folder.name}.nii.gz"
+    record = cache / "records" / f"{folder.name}.json"
+    sources = [image] + [p for p in masks.values() if p is not None]
+    signature = {"converter": CONVERTER_VERSION, "sources": _file_signature(sources, folder),
+                 "masks": {str(k): (p.name if p else None) for k, p in masks.items()}}
+    if not _cache_is_current(record, (label_path,), signature):
+        # the image's voxels are read (and checked) when it is segmented; the masks' here, once
+        shape, affine = gate.read_header(image_nifti)
+        label = _merge_masks(shape, (
+            (value, _mask_on_grid(path, converted, image, shape, affine))
+            for value, path in masks.items() if path is not None
+        ))
+        save_nifti_atomic(_nifti(label, affine), label_path)
+        write_json_atomic(record, {"signature": signature, "image": str(image)})
+    return Case(id=folder.name, modality=MRI, image=image_nifti, label=label_path)
+
+
+def _no_file(path: Path) -> bool:
+    """Excludes nothing: any file may be a mask."""
+    return False
+
+
 def read_liverhccseg(
     root: str | Path,
     *,
@@ -524,66 +597,25 @@ def read_liverhccseg(
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "liverhccseg"
     cache = base / f"{phase}_{rater}"
 
-    def is_mask(path: Path) -> bool:
-        stem = _strip_suffix(path.name).lower()
-        return any(word in stem for word in MASK_WORDS)
-
-    def image_files(folder: Path, recursive: bool) -> list[Path]:
-        found = folder.rglob("*") if recursive else folder.iterdir()
-        return sorted(
-            p for p in found if p.is_file() and not p.name.startswith(".") and _strip_suffix(p.name)
-        )
-
-    case_folders, frontier = [], [root]
-    for _ in range(SEARCH_DEPTH + 1):
-        next_frontier = []
-        for folder in frontier:
-            direct = image_files(folder, recursive=False)
-            if folder != root and _match_one(direct, image_glob, folder, "image", is_mask):
-                case_folders.append(folder)
-                continue
-            next_frontier += _subfolders(folder)
-        frontier = next_frontier
+    case_folders = _liverhccseg_case_folders(root, image_glob)
     if not case_folders:
         raise AqcfError(f"{root}: no case folder holds an image matching {image_glob!r} (phase {phase!r})")
-
     cases, skipped = [], []
-    for folder in sorted(case_folders, key=lambda p: natural_key(p.name)):
-        files = image_files(folder, recursive=True)
-        image = _match_one(files, image_glob, folder, "image", is_mask)
+    for folder in case_folders:
+        files = _image_files(folder, recursive=True)
+        image = _match_one(files, image_glob, folder, "image", _is_mask)
         masks = {
-            LIVER_LABEL: _match_one(files, liver_glob, folder, "liver mask", lambda p: False),
-            TUMOR_LABEL: _match_one(files, tumor_glob, folder, "tumor mask", lambda p: False),
+            LIVER_LABEL: _match_one(files, liver_glob, folder, "liver mask", _no_file),
+            TUMOR_LABEL: _match_one(files, tumor_glob, folder, "tumor mask", _no_file),
         }
-        missing = [("liver", liver_glob), ("tumor", tumor_glob)]
-        missing = [f"{what} ({glob!r})" for (what, glob), path in zip(missing, masks.values(), strict=True)
-                   if path is None]
+        globs = {LIVER_LABEL: ("liver", liver_glob), TUMOR_LABEL: ("tumor", tumor_glob)}
+        missing = [f"{what} ({glob!r})" for value, (what, glob) in globs.items() if masks[value] is None]
         if missing and missing_mask == "error":
             raise AqcfError(f"{folder}: no {' or '.join(missing)} mask of rater {rater!r}")
         if missing and missing_mask == "skip":
             skipped.append(folder.name)
             continue
-        image_nifti = _as_nifti(image, cache / "converted" / folder.name)
-        label_path = cache / LABELS / f"{folder.name}.nii.gz"
-        record = cache / "records" / f"{folder.name}.json"
-        sources = [image] + [p for p in masks.values() if p is not None]
-        signature = {"converter": CONVERTER_VERSION, "sources": _file_signature(sources, folder),
-                     "masks": {str(k): (p.name if p else None) for k, p in masks.items()}}
-        if not _cache_is_current(record, (label_path,), signature):
-            # the image's voxels are read (and checked) when it is segmented; the masks' here, once
-            shape, affine = gate.read_header(image_nifti)
-            label = np.zeros(shape, dtype=np.uint8)
-            for value, path in masks.items():
-                if path is None:
-                    continue
-                mask = gate.load_volume(_as_nifti(path, cache / "converted" / folder.name))
-                same_grid = mask.array.shape == shape and np.allclose(mask.affine, affine, atol=AFFINE_TOLERANCE_MM)
-                if not same_grid:
-                    raise AqcfError(f"{path}: voxel grid {mask.shape} differs from the image {image.name} {shape}")
-                label[mask.array > 0] = value  # tumor after liver: 2 overrides 1
-            save_nifti_atomic(_nifti(label, affine), label_path)
-            write_json_atomic(record, {"signature": signature, "image": str(image)})
-        cases.append(Case(id=folder.name, modality=MRI, image=image_nifti, label=label_path))
+        cases.append(_liverhccseg_case(folder, image, masks, cache))
     if skipped:
         warnings.warn(f"{root}: skipped {len(skipped)} case(s) without both masks of rater {rater!r}: "
                       f"{', '.join(skipped)}", stacklevel=2)

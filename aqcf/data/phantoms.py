@@ -340,72 +340,119 @@ class _Anatomy:
     tumors: list[_Tumor] = field(default_factory=list)
 
 
-def _anatomy(cfg: PhantomConfig, spacing: np.ndarray, rng: np.random.Generator) -> _Anatomy:
-    """Tissue map (uint8 codes) and label map (0/1/2) on the canonical (R, A, S) grid."""
-    shape = tuple(cfg.shape)
-    u, v, w = (
-        np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if i == k else 1 for i in range(3)])
-        for k, n in enumerate(shape)
-    )
+@dataclass
+class _Canvas:
+    """What the painters of :func:`_anatomy` share: the tissue map being painted and the landmarks the
+    earlier painters placed for the later ones.
 
-    def smooth(sigma_mm: float) -> np.ndarray:
-        return _smooth_field(shape, spacing, sigma_mm, rng)
+    ``u``, ``v``, ``w`` are the normalised coordinates in [-1, 1] along R, A, S, shaped to broadcast
+    against each other; every painter draws from the one ``rng`` in a fixed order, so the phantom of a
+    seed does not change.
+    """
 
-    tissue = np.full(shape, AIR, dtype=np.uint8)
+    u: np.ndarray
+    v: np.ndarray
+    w: np.ndarray
+    tissue: np.ndarray
+    spacing: np.ndarray
+    rng: np.random.Generator
+    body: np.ndarray | None = None
+    cavity: np.ndarray | None = None
+    lungs: np.ndarray | None = None
+    centre_v: float = 0.0
+    semi_u: float = 1.0
+    semi_v: float = 1.0
+    spine_v: float = 0.0
 
-    # Body wall: subcutaneous fat, then muscle, then the visceral cavity.
-    centre_v = rng.uniform(-0.05, 0.03)
-    semi_u, semi_v = rng.uniform(0.78, 0.9), rng.uniform(0.58, 0.72)
+    @classmethod
+    def blank(cls, shape, spacing: np.ndarray, rng: np.random.Generator) -> _Canvas:
+        """Air on a ``shape`` grid."""
+        shape = tuple(shape)
+        u, v, w = (
+            np.linspace(-1, 1, n, dtype=np.float32).reshape([-1 if i == k else 1 for i in range(3)])
+            for k, n in enumerate(shape)
+        )
+        return cls(u, v, w, np.full(shape, AIR, dtype=np.uint8), spacing, rng)
+
+    def smooth(self, sigma_mm: float) -> np.ndarray:
+        """A smooth random field of unit variance (:func:`_smooth_field`) on the canvas."""
+        return _smooth_field(self.tissue.shape, self.spacing, sigma_mm, self.rng)
+
+
+def _paint_body(c: _Canvas) -> None:
+    """Body wall: subcutaneous fat, then muscle, then the visceral cavity."""
+    u, v, w, tissue, rng = c.u, c.v, c.w, c.tissue, c.rng
+    c.centre_v = centre_v = rng.uniform(-0.05, 0.03)
+    c.semi_u, c.semi_v = semi_u, semi_v = rng.uniform(0.78, 0.9), rng.uniform(0.58, 0.72)
     taper = 1 + rng.uniform(-0.06, 0.06) * w
     rho = np.sqrt((u / (semi_u * taper)) ** 2 + ((v - centre_v) / (semi_v * taper)) ** 2) * (
-        1 + 0.03 * smooth(40)
+        1 + 0.03 * c.smooth(40)
     )
     fat, wall = rng.uniform(0.06, 0.16), rng.uniform(0.03, 0.06)
-    body = rho < 1
-    tissue[body] = FAT
+    c.body = rho < 1
+    tissue[c.body] = FAT
     tissue[rho < 1 - fat] = MUSCLE
-    cavity = rho < 1 - fat - wall
-    tissue[cavity] = FAT
-    spine_v = centre_v - 0.62 * semi_v
+    c.cavity = rho < 1 - fat - wall
+    tissue[c.cavity] = FAT
+    c.spine_v = centre_v - 0.62 * semi_v
 
-    # Lung bases above a domed diaphragm (lower at the periphery).
-    periphery = (u / semi_u) ** 2 + ((v - centre_v) / semi_v) ** 2
-    lungs = cavity & (w > rng.uniform(0.45, 0.7) + 0.3 * (1 - periphery))
-    tissue[lungs] = LUNG
 
-    # Bowel loops in the lower anterior abdomen: tubes where two smooth fields are both near zero.
-    tube = smooth(10) ** 2 + smooth(10) ** 2
-    bowel = cavity & ~lungs & (w < rng.uniform(-0.1, 0.2)) & (v > spine_v + 0.15)
+def _paint_lungs(c: _Canvas) -> None:
+    """Lung bases above a domed diaphragm (lower at the periphery)."""
+    periphery = (c.u / c.semi_u) ** 2 + ((c.v - c.centre_v) / c.semi_v) ** 2
+    c.lungs = c.cavity & (c.w > c.rng.uniform(0.45, 0.7) + 0.3 * (1 - periphery))
+    c.tissue[c.lungs] = LUNG
+
+
+def _paint_bowel(c: _Canvas) -> None:
+    """Bowel loops in the lower anterior abdomen: tubes where two smooth fields are both near zero."""
+    tissue = c.tissue
+    tube = c.smooth(10) ** 2 + c.smooth(10) ** 2
+    bowel = c.cavity & ~c.lungs & (c.w < c.rng.uniform(-0.1, 0.2)) & (c.v > c.spine_v + 0.15)
     tissue[bowel & (tube < 0.9)] = BOWEL_WALL
     lumen = bowel & (tube < 0.5)
     tissue[lumen] = BOWEL_LUMEN
-    tissue[lumen & (smooth(15) > 1.0)] = GAS
+    tissue[lumen & (c.smooth(15) > 1.0)] = GAS
 
-    # Stomach in the left upper quadrant, gas rising to its anterior part.
-    centre = (rng.uniform(-0.4, -0.25), centre_v + 0.2, rng.uniform(0.2, 0.35))
+
+def _paint_stomach(c: _Canvas) -> None:
+    """Stomach in the left upper quadrant, gas rising to its anterior part."""
+    u, v, w, tissue, rng = c.u, c.v, c.w, c.tissue, c.rng
+    centre = (rng.uniform(-0.4, -0.25), c.centre_v + 0.2, rng.uniform(0.2, 0.35))
     semi = np.array([0.2, 0.17, 0.22]) * rng.uniform(0.8, 1.2)
-    r = _radius((u, v, w), centre, semi) * (1 + 0.08 * smooth(30))
-    tissue[cavity & ~lungs & (r < 1)] = BOWEL_WALL
-    contents = cavity & ~lungs & (r < 0.85)
+    r = _radius((u, v, w), centre, semi) * (1 + 0.08 * c.smooth(30))
+    tissue[c.cavity & ~c.lungs & (r < 1)] = BOWEL_WALL
+    contents = c.cavity & ~c.lungs & (r < 0.85)
     tissue[contents] = STOMACH
     tissue[contents & (v > centre[1] + 0.5 * semi[1])] = GAS
 
-    # Kidneys beside the spine, the right one lower.
+
+def _paint_kidneys(c: _Canvas) -> None:
+    """Kidneys beside the spine, the right one lower."""
+    rng = c.rng
     for side, height in ((1, rng.uniform(-0.45, -0.3)), (-1, rng.uniform(-0.35, -0.2))):
-        r = _radius((u, v, w), (side * 0.34, spine_v + 0.12, height), (0.11, 0.09, 0.33))
-        kidney = cavity & (r < 1)
-        tissue[kidney] = KIDNEY_CORTEX
-        tissue[kidney & (r < 0.6)] = KIDNEY_MEDULLA
+        r = _radius((c.u, c.v, c.w), (side * 0.34, c.spine_v + 0.12, height), (0.11, 0.09, 0.33))
+        kidney = c.cavity & (r < 1)
+        c.tissue[kidney] = KIDNEY_CORTEX
+        c.tissue[kidney & (r < 0.6)] = KIDNEY_MEDULLA
 
-    # Spleen, posterior left: an intensity close to the liver's.
-    r = _radius((u, v, w), (-0.55, spine_v + 0.3, rng.uniform(0.2, 0.4)), (0.14, 0.22, 0.3)) * (
-        1 + 0.1 * smooth(25)
+
+def _paint_spleen(c: _Canvas) -> None:
+    """Spleen, posterior left: an intensity close to the liver's."""
+    r = _radius((c.u, c.v, c.w), (-0.55, c.spine_v + 0.3, c.rng.uniform(0.2, 0.4)), (0.14, 0.22, 0.3)) * (
+        1 + 0.1 * c.smooth(25)
     )
-    tissue[cavity & ~lungs & (r < 1)] = SPLEEN
+    c.tissue[c.cavity & ~c.lungs & (r < 1)] = SPLEEN
 
-    # Liver, right upper quadrant: the left lobe reaches across the midline anteriorly and the liver
-    # thins towards its inferior tip; a smooth field makes the outline irregular.
-    centre = (rng.uniform(0.3, 0.4), centre_v + rng.uniform(0.03, 0.12), rng.uniform(0.0, 0.15))
+
+def _paint_liver(c: _Canvas) -> None:
+    """Liver, right upper quadrant, with hepatic and portal veins and (in 70% of cases) a gallbladder.
+
+    The left lobe reaches across the midline anteriorly and the liver thins towards its inferior tip;
+    a smooth field makes the outline irregular.
+    """
+    u, v, w, tissue, rng = c.u, c.v, c.w, c.tissue, c.rng
+    centre = (rng.uniform(0.3, 0.4), c.centre_v + rng.uniform(0.03, 0.12), rng.uniform(0.0, 0.15))
     semi = np.array([0.45, 0.5, 0.7]) * rng.uniform(0.9, 1.1, size=3)
     across = 1 + 0.5 * np.clip((v - centre[1]) / semi[1], 0, 1)
     thin = 1 - 0.4 * np.clip((centre[2] - w) / semi[2], 0, 1)
@@ -413,29 +460,58 @@ def _anatomy(cfg: PhantomConfig, spacing: np.ndarray, rng: np.random.Generator) 
         ((u - centre[0]) / (semi[0] * across * thin)) ** 2
         + ((v - centre[1]) / (semi[1] * thin)) ** 2
         + ((w - centre[2]) / semi[2]) ** 2
-    ) + 0.12 * smooth(25)
-    liver = cavity & ~lungs & (r < 1)
+    ) + 0.12 * c.smooth(25)
+    liver = c.cavity & ~c.lungs & (r < 1)
     tissue[liver] = LIVER
-    tissue[liver & (smooth(12) ** 2 + smooth(12) ** 2 < 0.06)] = HEPATIC_VEIN
-    tissue[liver & (smooth(12) ** 2 + smooth(12) ** 2 < 0.06)] = PORTAL_VEIN
+    tissue[liver & (c.smooth(12) ** 2 + c.smooth(12) ** 2 < 0.06)] = HEPATIC_VEIN
+    tissue[liver & (c.smooth(12) ** 2 + c.smooth(12) ** 2 < 0.06)] = PORTAL_VEIN
     if rng.random() < 0.7:
         gall_centre = (centre[0] - 0.35 * semi[0], centre[1] + 0.5 * semi[1], centre[2] - 0.45 * semi[2])
-        tissue[cavity & (_radius((u, v, w), gall_centre, (0.07, 0.09, 0.15)) < 1)] = GALLBLADDER
+        tissue[c.cavity & (_radius((u, v, w), gall_centre, (0.07, 0.09, 0.15)) < 1)] = GALLBLADDER
 
-    # Great vessels and the spine, in front of everything else.
-    tissue[cavity & (_radius((u, v), (-0.07, spine_v + 0.18), (0.045, 0.045)) < 1)] = AORTA
-    tissue[cavity & (_radius((u, v), (0.13, spine_v + 0.2), (0.055, 0.045)) < 1)] = IVC
+
+def _paint_great_vessels(c: _Canvas) -> None:
+    """Aorta and inferior vena cava in front of the spine, painted over the organs."""
+    c.tissue[c.cavity & (_radius((c.u, c.v), (-0.07, c.spine_v + 0.18), (0.045, 0.045)) < 1)] = AORTA
+    c.tissue[c.cavity & (_radius((c.u, c.v), (0.13, c.spine_v + 0.2), (0.055, 0.045)) < 1)] = IVC
+
+
+def _paint_spine(c: _Canvas) -> None:
+    """Paraspinal muscles, the vertebral body (cortex around bone) and the spinal canal, painted last."""
+    u, v, tissue, body = c.u, c.v, c.tissue, c.body
     for side in (1, -1):
-        tissue[body & (_radius((u, v), (side * 0.14, spine_v - 0.17), (0.11, 0.09)) < 1)] = MUSCLE
-    r = _radius((u, v), (0.0, spine_v), (0.12, 0.10))
+        tissue[body & (_radius((u, v), (side * 0.14, c.spine_v - 0.17), (0.11, 0.09)) < 1)] = MUSCLE
+    r = _radius((u, v), (0.0, c.spine_v), (0.12, 0.10))
     tissue[body & (r < 1)] = CORTEX
     tissue[body & (r < 0.8)] = BONE
-    r = _radius((u, v), (0.0, spine_v - 0.15), (0.075, 0.075))
+    r = _radius((u, v), (0.0, c.spine_v - 0.15), (0.075, 0.075))
     tissue[body & (r < 1)] = CORTEX
     tissue[body & (r < 0.6)] = SPINAL_CANAL
 
-    label = np.isin(tissue, LIVER_TISSUES).astype(np.uint8)
-    anatomy = _Anatomy(tissue=tissue, label=label)
+
+# The order is part of the phantom: later organs overwrite earlier ones, and each painter draws from
+# the random generator in turn.
+_PAINTERS = (
+    _paint_body,
+    _paint_lungs,
+    _paint_bowel,
+    _paint_stomach,
+    _paint_kidneys,
+    _paint_spleen,
+    _paint_liver,
+    _paint_great_vessels,
+    _paint_spine,
+)
+
+
+def _anatomy(cfg: PhantomConfig, spacing: np.ndarray, rng: np.random.Generator) -> _Anatomy:
+    """Tissue map (uint8 codes) and label map (0/1/2) on the canonical (R, A, S) grid: the organs of
+    :data:`_PAINTERS` in turn, then the tumors (:func:`_add_tumors`)."""
+    canvas = _Canvas.blank(cfg.shape, spacing, rng)
+    for paint in _PAINTERS:
+        paint(canvas)
+    label = np.isin(canvas.tissue, LIVER_TISSUES).astype(np.uint8)
+    anatomy = _Anatomy(tissue=canvas.tissue, label=label)
     _add_tumors(anatomy, cfg, spacing, rng)
     return anatomy
 
@@ -890,10 +966,56 @@ def synthesize(
     return targets
 
 
+@dataclass(frozen=True)
+class _Flag:
+    """How a :class:`PhantomConfig` field appears on the ``aqcf synth`` command line, as
+    ``--<cohort>-<name>``: ``help`` (``{default}`` and ``{unit}`` filled in per cohort), the metavars of a
+    tuple field, and ``name`` where the flag's name is not the field's."""
+
+    help: str
+    metavar: tuple[str, ...] | None = None
+    name: str | None = None
+
+    def flag(self, prefix: str, field_name: str) -> str:
+        return f"--{prefix}-{self.name or field_name.replace('_', '-')}"
+
+
+# The fields each cohort's flags set, in --help order; type, nargs and default come from the cohort's
+# config. Four flags are older than this table and keep their names as explicit aliases of their fields:
+# --*-tumors (n_tumors), --*-tumor-radius (tumor_radius_mm), --*-obliquity (obliquity_deg) and
+# --*-bias (bias_field). The shape is set by --shape, --mri-shape and --t2-shape (see _parser).
+COHORT_FLAGS = {
+    "spacing": _Flag("voxel size in mm (default {default})", ("SX", "SY", "SZ")),
+    "orientation": _Flag("stored axis codes (default {default})"),
+    "n_tumors": _Flag("tumors per case (default {default})", ("MIN", "MAX"), name="tumors"),
+    "tumor_radius_mm": _Flag("tumor radius in mm (default {default})", ("MIN", "MAX"), name="tumor-radius"),
+    "contrast": _Flag("scale of the tumor-liver intensity difference (default {default}; larger is easier)"),
+    "noise": _Flag("noise standard deviation in {unit} (default {default})", ("MIN", "MAX")),
+    "obliquity_deg": _Flag("largest grid rotation in degrees (default {default})", name="obliquity"),
+}
+MRI_FLAGS = {"bias_field": _Flag("std of the log bias field (default {default})", name="bias")}  # MRI cohorts only
+COHORTS = (("ct", ct_config), ("mri", mri_config), ("t2", t2_config))
+
+
+def _add_field_flag(p, prefix: str, cfg: PhantomConfig, field_name: str, flag: _Flag) -> None:
+    """``--<prefix>-<name>`` for ``cfg``'s field ``field_name``, into ``args.<prefix>_<field_name>``."""
+    default = getattr(cfg, field_name)
+    shown = f"{default:g}" if isinstance(default, float) else str(default)
+    kwargs = {"dest": f"{prefix}_{field_name}", "help": flag.help.format(
+        default=shown, unit="HU" if prefix == "ct" else "a.u.")}
+    if isinstance(default, tuple):
+        kwargs.update(type=type(default[0]), nargs=len(default), metavar=flag.metavar, default=list(default))
+    else:
+        # the metavar argparse would derive from the flag's own name
+        kwargs.update(type=type(default), metavar=f"{prefix}_{flag.name or field_name}".upper().replace("-", "_"),
+                      default=default)
+    p.add_argument(flag.flag(prefix, field_name), **kwargs)
+
+
 def _parser():
     from aqcf.cli import ArgumentParser
 
-    ct, mri, t2 = ct_config(), mri_config(), t2_config()
+    configs = {prefix: make() for prefix, make in COHORTS}
     p = ArgumentParser(
         prog="aqcf synth",
         description="Write phantom cohorts: CT in the LiTS layout (OUT/LiTS) and MRI in the ATLAS layout "
@@ -916,8 +1038,8 @@ def _parser():
         type=int,
         nargs=3,
         metavar=("X", "Y", "Z"),
-        default=list(ct.shape),
-        help=f"voxels along R, A, S (default {ct.shape})",
+        default=list(configs["ct"].shape),
+        help=f"voxels along R, A, S (default {configs['ct'].shape})",
     )
     p.add_argument(
         "--mri-shape", type=int, nargs=3, metavar=("X", "Y", "Z"), help="MRI voxels (default --shape)"
@@ -932,65 +1054,27 @@ def _parser():
         help="replace OUT/LiTS, OUT/ATLAS, OUT/T2 and OUT/Paired if OUT is not empty",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    for prefix, cfg in (("ct", ct), ("mri", mri), ("t2", t2)):
-        unit = "HU" if prefix == "ct" else "a.u."
-        p.add_argument(
-            f"--{prefix}-spacing",
-            type=float,
-            nargs=3,
-            metavar=("SX", "SY", "SZ"),
-            default=list(cfg.spacing),
-            help=f"voxel size in mm (default {cfg.spacing})",
-        )
-        p.add_argument(
-            f"--{prefix}-orientation",
-            default=cfg.orientation,
-            help=f"stored axis codes (default {cfg.orientation})",
-        )
-        p.add_argument(
-            f"--{prefix}-tumors",
-            type=int,
-            nargs=2,
-            metavar=("MIN", "MAX"),
-            default=list(cfg.n_tumors),
-            help=f"tumors per case (default {cfg.n_tumors})",
-        )
-        p.add_argument(
-            f"--{prefix}-tumor-radius",
-            type=float,
-            nargs=2,
-            metavar=("MIN", "MAX"),
-            default=list(cfg.tumor_radius_mm),
-            help=f"tumor radius in mm (default {cfg.tumor_radius_mm})",
-        )
-        p.add_argument(
-            f"--{prefix}-contrast",
-            type=float,
-            default=cfg.contrast,
-            help="scale of the tumor-liver intensity difference (default 1; larger is easier)",
-        )
-        p.add_argument(
-            f"--{prefix}-noise",
-            type=float,
-            nargs=2,
-            metavar=("MIN", "MAX"),
-            default=list(cfg.noise),
-            help=f"noise standard deviation in {unit} (default {cfg.noise})",
-        )
-        p.add_argument(
-            f"--{prefix}-obliquity",
-            type=float,
-            default=cfg.obliquity_deg,
-            help="largest grid rotation in degrees (default 0)",
-        )
-    for prefix, cfg in (("mri", mri), ("t2", t2)):
-        p.add_argument(
-            f"--{prefix}-bias",
-            type=float,
-            default=cfg.bias_field,
-            help=f"std of the log bias field (default {cfg.bias_field})",
-        )
+    for prefix, cfg in configs.items():
+        for field_name, flag in COHORT_FLAGS.items():
+            _add_field_flag(p, prefix, cfg, field_name, flag)
+    for prefix, cfg in configs.items():
+        if prefix != "ct":
+            for field_name, flag in MRI_FLAGS.items():
+                _add_field_flag(p, prefix, cfg, field_name, flag)
     return p
+
+
+def _cohort_configs(args) -> dict[str, PhantomConfig]:
+    """Each cohort's :class:`PhantomConfig` from its flags (lists become the fields' tuples)."""
+    configs = {}
+    for prefix, make in COHORTS:
+        names = [*COHORT_FLAGS, *(MRI_FLAGS if prefix != "ct" else ())]
+        values = {name: getattr(args, f"{prefix}_{name}") for name in names}
+        shape = getattr(args, f"{prefix}_shape", None) or args.shape
+        configs[prefix] = make(
+            shape=tuple(shape), **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        )
+    return configs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1001,25 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
     # OUT/LiTS, OUT/ATLAS, OUT/T2, OUT/Paired and OUT/synth.json are replaced; other files in OUT
     # only make it "not empty"
     check_output(args.out, overwrite=args.overwrite, kind="folder")
-    configs = {}
-    for prefix, make in (("ct", ct_config), ("mri", mri_config), ("t2", t2_config)):
-        flags = {
-            name: getattr(args, f"{prefix}_{name}")
-            for name in ("spacing", "orientation", "tumors", "tumor_radius", "contrast", "noise", "obliquity")
-        }
-        shape = getattr(args, f"{prefix}_shape", None) or args.shape
-        extra = {"bias_field": getattr(args, f"{prefix}_bias")} if prefix != "ct" else {}
-        configs[prefix] = make(
-            shape=tuple(shape),
-            spacing=tuple(flags["spacing"]),
-            orientation=flags["orientation"],
-            n_tumors=tuple(flags["tumors"]),
-            tumor_radius_mm=tuple(flags["tumor_radius"]),
-            contrast=flags["contrast"],
-            noise=tuple(flags["noise"]),
-            obliquity_deg=flags["obliquity"],
-            **extra,
-        )
+    configs = _cohort_configs(args)
     targets = synthesize(
         args.out,
         n_ct=args.n_ct,
