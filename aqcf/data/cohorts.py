@@ -26,13 +26,13 @@ from __future__ import annotations
 import importlib
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from aqcf.constants import CT, MRI, check_modality
+from aqcf.constants import CT, MRI, check_modality, check_name
 from aqcf.data import gate
 from aqcf.data.gate import AFFINE_TOLERANCE_MM, LABEL_VALUES, check_label_values, check_same_grid
 from aqcf.errors import AqcfError
@@ -136,7 +136,7 @@ def read_lits(root: str | Path, modality: str = CT) -> list[Case]:
         AqcfError: The folder is missing or holds no case, a volume has no segmentation (or the
             reverse), or one case number appears twice.
     """
-    modality = check_modality(modality)
+    modality = check_name(modality)
     folder = _check_folder(root)
     files = list(_visible_files(folder))
     volumes = _index_by_number(files, _LITS_VOLUME)
@@ -188,7 +188,7 @@ def read_atlas(root: str | Path, modality: str = MRI) -> list[Case]:
         AqcfError: No or several ``imagesTr`` folders, no ``labelsTr`` beside it, an image without
             its label (or the reverse), or one case number twice.
     """
-    modality = check_modality(modality)
+    modality = check_name(modality)
     folder = _check_folder(root)
     images_dir = _find_images_folder(
         folder, _ATLAS_IMAGE, "ATLAS case", "imagesTr/imN.nii.gz with labelsTr/lbN.nii.gz"
@@ -234,7 +234,7 @@ def read_nnunet(root: str | Path, modality: str) -> list[Case]:
         AqcfError: No ``imagesTr``, a multi-channel data set, an image without its label (or the
             reverse).
     """
-    modality = check_modality(modality)
+    modality = check_name(modality)
     folder = _check_folder(root)
     candidates = sorted(p for p in [folder, *folder.rglob("imagesTr")] if p.name == "imagesTr" and p.is_dir())
     if not candidates:
@@ -299,19 +299,23 @@ def register_reader(name: str, reader: Callable[..., list[Case]]) -> None:
     READERS[name.lower()] = reader
 
 
-def read_cohort(root: str | Path, format: str, modality: str) -> list[Case]:
+def read_cohort(
+    root: str | Path, format: str, modality: str, modalities: Sequence[str] | None = None
+) -> list[Case]:
     """Read a cohort in one of the formats of :data:`READERS`.
 
     Args:
         root: The data set folder.
         format: ``"lits"``, ``"atlas"``, ``"nnunet"``, or a format registered with
             :func:`register_reader` (the external-cohort readers register on import).
-        modality: ``"ct"`` or ``"mri"``.
+        modality: The cohort's name, one of ``modalities``.
+        modalities: The names allowed; ``None``: ``"ct"``, ``"mri"`` and the declared cohort names
+            (:func:`aqcf.constants.declare_modalities`). The data module passes its cohorts' names.
 
     Returns:
         The cases, in the reader's order.
     """
-    modality = check_modality(modality)
+    modality = check_modality(modality, modalities)
     name = str(format).lower()
     if name not in READERS:
         try:

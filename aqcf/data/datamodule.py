@@ -13,8 +13,10 @@ and prediction yield whole preprocessed volumes, one at a time, CT cases first.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI, check_modality
+from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI, check_modality, check_name, declare_modalities
 from aqcf.data.augment import build_augmentation
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.patches import CachedPatchSampler, DrawPatches
@@ -30,11 +32,89 @@ from aqcf.data.preprocess import Manifest, PreprocessSettings, preprocess_cohort
 from aqcf.data.splits import PROTOCOLS, load_or_create_splits
 from aqcf.errors import AqcfError
 
-__all__ = ["UnpairedDataModule", "DEFAULT_LABEL_PROBABILITIES", "preprocess_settings_from_hparams"]
+__all__ = [
+    "UnpairedDataModule",
+    "Cohort",
+    "DEFAULT_LABEL_PROBABILITIES",
+    "cohorts_from_hparams",
+    "preprocess_settings_from_hparams",
+]
 
 DEFAULT_LABEL_PROBABILITIES = {0: 0.2, 1: 0.4, 2: 0.4}
 """Probability that a training patch is centred on background, liver, tumor. Labels absent from a
 volume are skipped and the rest renormalised (a tumor-free case: 1/3 background, 2/3 liver)."""
+
+
+DEFAULT_FORMATS = {CT: "lits", MRI: "atlas"}
+"""Layout of a cohort named ``ct`` / ``mri`` when neither ``format`` nor ``<name>_format`` says (others: nnunet)."""
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """One training cohort: its stream name, where it lies, how it is read and preprocessed.
+
+    ``spacing``, ``window`` and ``orientation`` left ``None`` take the data module's ``<name>_*`` field
+    for a cohort named ``ct`` or ``mri``, and the ``mri_*`` field for any other name (a further MRI
+    cohort such as T2), then :meth:`PreprocessSettings.default`.
+    """
+
+    name: str
+    root: str
+    format: str = "nnunet"
+    spacing: tuple[float, float, float] | None = None
+    window: tuple[float, float] | None = None
+    orientation: str | None = None
+    test_root: str | None = None
+    test_format: str = "nnunet"
+
+
+COHORT_KEYS = tuple(f.name for f in dataclasses.fields(Cohort))
+
+
+def _legacy_cohort(hparams, name: str) -> dict:
+    """The ``ct_*`` / ``mri_*`` fields of cohort ``name`` (``mri_*`` for a name other than ct / mri)."""
+    style = name if name in MODALITIES else MRI
+    return {
+        "spacing": hparams.get(f"{style}_spacing"),
+        "window": hparams.get(f"{style}_window"),
+        "orientation": hparams.get(f"{style}_orientation"),
+        "format": hparams.get(f"{name}_format", DEFAULT_FORMATS.get(name, "nnunet")),
+        "test_root": hparams.get(f"test_{name}_root"),
+        "test_format": hparams.get(f"test_{name}_format", "nnunet"),
+    }
+
+
+def cohorts_from_hparams(hparams) -> tuple[Cohort, ...]:
+    """The training cohorts a data module's hyper-parameters declare, in stream order.
+
+    ``cohorts`` when given (a list of mappings with the keys of :class:`Cohort`); otherwise the CT and
+    MRI cohorts of the ``ct_*`` / ``mri_*`` fields (a ``None`` root: no such cohort), which is what
+    every config and checkpoint written before ``cohorts`` existed holds.
+
+    Args:
+        hparams: ``UnpairedDataModule.hparams``, or a checkpoint's ``"datamodule_hyper_parameters"``.
+    """
+    given = hparams.get("cohorts")
+    if given is None:
+        return tuple(
+            Cohort(name=m, root=hparams[f"{m}_root"], **_legacy_cohort(hparams, m))
+            for m in MODALITIES
+            if hparams.get(f"{m}_root") is not None
+        )
+    cohorts = []
+    for i, entry in enumerate(given):
+        entry = dict(entry) if isinstance(entry, dict) else dataclasses.asdict(entry)
+        unknown = sorted(set(entry) - set(COHORT_KEYS))
+        if unknown or entry.get("name") is None or entry.get("root") is None:
+            problem = f"unknown key {unknown[0]!r}" if unknown else "needs a name and a root"
+            raise AqcfError(f"data.cohorts[{i}]: {problem}; keys: {', '.join(COHORT_KEYS)}")
+        name = check_name(entry["name"])
+        values = _legacy_cohort(hparams, name) | {k: v for k, v in entry.items() if v is not None}
+        cohorts.append(Cohort(**{**values, "name": name, "root": str(entry["root"])}))
+    names = [c.name for c in cohorts]
+    if not names or len(set(names)) != len(names):
+        raise AqcfError(f"data.cohorts names {names}: need at least one cohort, each name once")
+    return tuple(cohorts)
 
 
 def preprocess_settings_from_hparams(hparams, modality: str) -> PreprocessSettings:
@@ -43,14 +123,16 @@ def preprocess_settings_from_hparams(hparams, modality: str) -> PreprocessSettin
     Args:
         hparams: ``UnpairedDataModule.hparams``, or the ``"datamodule_hyper_parameters"`` dict of a
             Lightning checkpoint (what ``aqcf segment`` reads).
-        modality: ``"ct"`` or ``"mri"``.
+        modality: ``"ct"``, ``"mri"`` or the name of one of ``cohorts``.
     """
-    modality = check_modality(modality)
+    cohorts = {c.name: c for c in cohorts_from_hparams(hparams)}
+    modality = check_modality(modality, tuple(dict.fromkeys([*MODALITIES, *cohorts])))
+    knobs = cohorts[modality] if modality in cohorts else Cohort(modality, "", **_legacy_cohort(hparams, modality))
     return PreprocessSettings.default(
         modality,
-        orientation=hparams.get(f"{modality}_orientation"),
-        window=tuple(hparams[f"{modality}_window"]) if f"{modality}_window" in hparams else None,
-        spacing=tuple(hparams[f"{modality}_spacing"]) if f"{modality}_spacing" in hparams else None,
+        orientation=knobs.orientation,
+        window=tuple(knobs.window) if knobs.window is not None else None,
+        spacing=tuple(knobs.spacing) if knobs.spacing is not None else None,
         pad_multiple=hparams.get("pad_multiple"),
     )
 
@@ -168,8 +250,14 @@ class UnpairedDataModule(L.LightningDataModule):
     sampler.
 
     One of ``ct_root`` / ``mri_root`` may be ``None`` for a unimodal run; batches then hold one key.
+    ``cohorts`` names any number of cohorts instead (one queue and one batch key each, e.g. ct, mri, t2).
 
     Args:
+        cohorts: The training cohorts by name, in stream order: mappings with ``name`` (the stream),
+            ``root``, ``format`` and optionally ``spacing``, ``window``, ``orientation``, ``test_root``,
+            ``test_format`` (:class:`Cohort`; a knob left out takes the ``<name>_*`` field, ``mri_*`` for
+            a new name). ``None`` (default): the CT and MRI cohorts of the ``ct_*`` / ``mri_*`` fields,
+            which must then stay ``None`` when ``cohorts`` is given.
         ct_root: CT cohort folder (LiTS layout by default).
         mri_root: MRI cohort folder (ATLAS layout by default).
         ct_format: Layout of ``ct_root``: ``lits``, ``atlas``, ``nnunet`` (or a registered format).
@@ -218,8 +306,8 @@ class UnpairedDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        ct_root: str | None,
-        mri_root: str | None,
+        ct_root: str | None = None,
+        mri_root: str | None = None,
         ct_format: str = "lits",
         mri_format: str = "atlas",
         cache_dir: str = "cache",
@@ -259,10 +347,13 @@ class UnpairedDataModule(L.LightningDataModule):
         paired_root: str | None = None,
         paired_ratio: float = 0.0,
         paired_cases: list[str] | None = None,
+        cohorts: list[dict] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
-        if ct_root is None and mri_root is None:
+        if cohorts is not None and (ct_root is not None or mri_root is not None):
+            raise AqcfError("data.cohorts names every cohort: set data.ct_root and data.mri_root to null")
+        if cohorts is None and ct_root is None and mri_root is None:
             raise AqcfError("data: set ct_root, mri_root or both")
         if protocol not in PROTOCOLS:
             raise AqcfError(f"data.protocol {protocol!r}: expected one of {PROTOCOLS}")
@@ -276,12 +367,14 @@ class UnpairedDataModule(L.LightningDataModule):
             raise AqcfError(f"data.paired_ratio {paired_ratio}: need a share in [0, 1]")
         if paired_ratio > 0 and paired_root is None:
             raise AqcfError(f"data.paired_ratio {paired_ratio}: set data.paired_root, the paired cohort's folder")
-        if paired_root is not None and (ct_root is None or mri_root is None):
+        self.cohorts = cohorts_from_hparams(self.hparams)
+        declare_modalities([c.name for c in self.cohorts])
+        if paired_root is not None and not {CT, MRI} <= {c.name for c in self.cohorts}:
             raise AqcfError("data.paired_root: paired fine-tuning trains both streams; set ct_root and mri_root")
-        self.roots = {CT: ct_root, MRI: mri_root}
-        self.formats = {CT: ct_format, MRI: mri_format}
-        self.test_roots = {CT: test_ct_root, MRI: test_mri_root}
-        self.test_formats = {CT: test_ct_format, MRI: test_mri_format}
+        self.roots = {c.name: c.root for c in self.cohorts}
+        self.formats = {c.name: c.format for c in self.cohorts}
+        self.test_roots = {c.name: c.test_root for c in self.cohorts}
+        self.test_formats = {c.name: c.test_format for c in self.cohorts}
         self.patch_size = tuple(int(n) for n in patch_size)
         self.label_probabilities = dict(label_probabilities or DEFAULT_LABEL_PROBABILITIES)
         self.manifests: dict[str, Manifest] = {}
@@ -293,15 +386,15 @@ class UnpairedDataModule(L.LightningDataModule):
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """The modalities with a training cohort, CT first."""
-        return tuple(m for m in MODALITIES if self.roots[m] is not None)
+        """The names of the training cohorts, in stream order (CT first for the pair)."""
+        return tuple(c.name for c in self.cohorts)
 
     def preprocess_settings(self, modality: str) -> PreprocessSettings:
         """The preprocessing of ``modality`` (inference rebuilds it from a checkpoint's hyper-parameters)."""
         return preprocess_settings_from_hparams(self.hparams, modality)
 
     def _manifest(self, modality: str, root: str, fmt: str, verify: str = "size") -> Manifest:
-        cases = read_cohort(root, fmt, modality)
+        cases = read_cohort(root, fmt, modality, self.modalities)
         # Preprocessing a new cache must not consume the seeded random state: a run that builds the cache
         # and one that reuses it then draw the same patches.
         with torch.random.fork_rng(devices=[]), _numpy_state_kept():
@@ -449,7 +542,11 @@ class UnpairedDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        """``CombinedLoader({"ct": ..., "mri": ...}, mode="max_size_cycle")`` over the patch queues."""
+        """``CombinedLoader({name: ...}, mode="max_size_cycle")``: one patch queue per cohort.
+
+        Each step takes one batch from every queue (``{"ct": ..., "mri": ..., "t2": ...}``); a queue
+        that runs out before the longest is cycled.
+        """
         from lightning.pytorch.utilities import CombinedLoader
 
         self._require_setup()

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from aqcf.cli import ArgumentParser
-from aqcf.constants import CT, MRI, check_modality
+from aqcf.constants import CT, MRI, check_name
 from aqcf.data import gate
 from aqcf.data.cohorts import (
     AFFINE_TOLERANCE_MM,
@@ -109,7 +109,8 @@ class PreprocessSettings:
     foreground_min_fraction: float = 1e-3
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "modality", check_modality(self.modality))
+        # any cohort name: a config's cohorts name themselves (aqcf.data.datamodule.Cohort)
+        object.__setattr__(self, "modality", check_name(self.modality))
         object.__setattr__(self, "orientation", str(self.orientation).upper())
         object.__setattr__(self, "window", tuple(float(x) for x in self.window))
         object.__setattr__(self, "spacing", tuple(float(x) for x in self.spacing))
@@ -131,12 +132,15 @@ class PreprocessSettings:
 
     @classmethod
     def default(cls, modality: str, **overrides) -> PreprocessSettings:
-        """The paper's settings for ``modality`` (CT: RAS, [-16, 176] HU; MRI: LAS, [74, 511])."""
-        modality = check_modality(modality)
+        """The paper's settings for ``modality`` (CT: RAS, [-16, 176] HU; MRI: LAS, [74, 511]).
+
+        Any other name (a further MRI cohort such as ``"t2"``) gets the MRI defaults.
+        """
+        modality = check_name(modality)
         values = {
             "modality": modality,
-            "orientation": DEFAULT_ORIENTATIONS[modality],
-            "window": DEFAULT_WINDOWS[modality],
+            "orientation": DEFAULT_ORIENTATIONS.get(modality, DEFAULT_ORIENTATIONS[MRI]),
+            "window": DEFAULT_WINDOWS.get(modality, DEFAULT_WINDOWS[MRI]),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from aqcf.constants import MODALITIES, check_modality
+from aqcf.constants import MODALITIES, check_name
 from aqcf.data.preprocess import PreprocessSettings, preprocess_image, restore_to_original
 from aqcf.errors import AqcfError
 
@@ -176,7 +176,8 @@ def sliding_window_logits(
     dtype = PRECISIONS[precision]
     if dtype == torch.float16 and device.type != "cuda":
         raise AqcfError("precision '16' needs a CUDA device; use 'bf16' or '32' on the CPU")
-    predictor = functools.partial(network.forward_single, modality=check_modality(modality))
+    # any stream name: the network refuses one it does not serve
+    predictor = functools.partial(network.forward_single, modality=check_name(modality))
     if dtype is not None:
         predictor = _autocast(predictor, device.type, dtype)
     if tta:
@@ -299,8 +300,9 @@ class Predictor:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """The modalities this predictor serves, CT first."""
-        return tuple(m for m in MODALITIES if m in self.preprocessing)
+        """The modalities this predictor serves, CT first, then MRI, then any other in training order."""
+        return (*(m for m in MODALITIES if m in self.preprocessing),
+                *(m for m in self.preprocessing if m not in MODALITIES))
 
     @classmethod
     def from_checkpoint(
@@ -324,7 +326,7 @@ class Predictor:
         Raises:
             AqcfError: missing or unreadable checkpoint, or one without the data module's settings.
         """
-        from aqcf.data.datamodule import preprocess_settings_from_hparams
+        from aqcf.data.datamodule import cohorts_from_hparams, preprocess_settings_from_hparams
         from aqcf.models.segmentation import SegmentationModule
         from aqcf.networks.aqcfnet import complete_network_config
 
@@ -343,8 +345,13 @@ class Predictor:
         except Exception as err:  # a foreign or damaged checkpoint fails in many ways
             raise AqcfError(f"{path}: cannot rebuild the model from this checkpoint ({_first_line(err)})") from err
         served = tuple(getattr(module, "modalities", MODALITIES))
-        # a modality trained on: served by the network and given a cohort (a unimodal run sets the other root null)
-        trained = [m for m in served if data_hparams.get(f"{m}_root", m) is not None]
+        # a modality trained on: served by the network and given a cohort (data.cohorts, or the ct_*/mri_*
+        # fields of older checkpoints: a unimodal run sets the other root null)
+        try:
+            cohorts = {c.name for c in cohorts_from_hparams(data_hparams)}
+        except (AqcfError, KeyError) as err:
+            raise AqcfError(f"{path}: unreadable data module settings ({_first_line(err)})") from err
+        trained = [m for m in served if m in cohorts]
         preprocessing = {m: preprocess_settings_from_hparams(data_hparams, m) for m in trained}
         window = WindowSettings(
             roi_size=tuple(roi_size) if roi_size is not None else module.patch_size,
@@ -357,9 +364,10 @@ class Predictor:
 
     def check_modality(self, modality: str) -> str:
         """``modality`` lower-cased, or :class:`AqcfError` if the model was not trained on it."""
-        modality = check_modality(modality)
+        modality = check_name(modality)
         if modality not in self.preprocessing:
-            trained = " and ".join(m.upper() for m in self.modalities) or "no modality"
+            names = [m.upper() for m in self.modalities]
+            trained = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 2 else names) or "no modality"
             raise AqcfError(
                 f"{self.source}: trained on {trained} only; it cannot segment {modality.upper()} scans"
             )

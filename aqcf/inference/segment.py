@@ -427,7 +427,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-i", dest="more_inputs", nargs="+", action="extend", default=[], metavar="INPUT",
                    help="inputs, as nnUNetv2_predict takes them (added to the positional ones)")
-    p.add_argument("--modality", required=True, choices=MODALITIES, help="modality of every input")
+    p.add_argument("--modality", required=True, help="modality of every input: a stream the checkpoint was trained "
+                   f"on ({', '.join(MODALITIES)} for the pair; a cohort's name, e.g. t2, for a model of named cohorts)")
     p.add_argument(
         "--ckpt", nargs="+", help="checkpoint written by `aqcf fit` (e.g. runs/NAME/fold0/checkpoints/best.ckpt); "
         "several, or a run folder (every fold*/checkpoints/best.ckpt in it), make an ensemble: the mean of their "
@@ -520,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
 
         predictors = [onnx_predictor(path, tta=args.tta, **window) for path in models]
     predictor = predictors[0] if len(predictors) == 1 else EnsemblePredictor(predictors)
+    trained = predictors[0].modalities
+    if args.modality.lower() not in (*trained, *MODALITIES):
+        # a name no model knows (ct / mri untrained by this model: the predictor's own message below)
+        parser.error(f"--modality {args.modality!r}: {predictors[0].source} was trained on {', '.join(trained)}")
     segment_scans(
         scans,
         predictor,

@@ -2,7 +2,8 @@
 
 Training (section 3.3, eq. 12): every batch holds one CT patch and one MRI patch drawn independently;
 both go through the dual-stream network in one forward pass and the loss is the unweighted sum of one
-MONAI ``DiceCELoss`` per stream.
+MONAI ``DiceCELoss`` per stream. A network of M named streams (``modalities=("ct", "mri", "t2")``)
+trains the same way on one patch per cohort: ``forward_streams({name: image})``, M losses summed.
 
 Validation and test run the path a user deploys (eq. 17): whole preprocessed volumes, one modality at
 a time, MONAI sliding-window inference with Gaussian blending, the absent stream zero-filled by the
@@ -26,7 +27,7 @@ from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from aqcf.constants import IMAGE, LABEL, MODALITIES, check_modality
+from aqcf.constants import IMAGE, LABEL, MODALITIES, check_name, declare_modalities
 from aqcf.errors import AqcfError
 
 __all__ = ["SegmentationModule", "PooledDice", "class_masks", "MONITOR"]
@@ -63,7 +64,8 @@ def _default_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_sched
 class SegmentationModule(L.LightningModule):
     """Wraps a two-stream segmentation network, the joint DiceCE loss, optimizer and schedule.
 
-    The network must provide ``forward(ct, mri) -> (logits_ct, logits_mri)`` and
+    The network must provide ``forward(ct, mri) -> (logits_ct, logits_mri)`` (with more than two streams,
+    ``forward_streams({name: image}) -> {name: logits}``) and
     ``forward_single(x, modality) -> logits`` (see :class:`aqcf.networks.aqcfnet.AQCFNet`). A network that
     serves only some modalities (a unimodal baseline) says so with a ``modalities`` attribute; the loss and
     the validation then cover only those.
@@ -140,7 +142,8 @@ class SegmentationModule(L.LightningModule):
         self.test_output = test_output
         self.test_overlays = int(test_overlays)
         self._overlays_drawn: dict[str, int] = {}
-        self.modalities = tuple(getattr(network, "modalities", MODALITIES))
+        # further stream names (t2, ...) become valid modalities wherever this model's outputs go
+        self.modalities = declare_modalities(tuple(getattr(network, "modalities", MODALITIES)))
         self.val_dice = nn.ModuleDict({m: PooledDice() for m in self.modalities})
         self.test_dice = nn.ModuleDict({m: PooledDice() for m in self.modalities})
         self._test_rows: list[dict] = []
@@ -148,8 +151,22 @@ class SegmentationModule(L.LightningModule):
         self.overlay_cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     # ----------------------------------------------------------------------------------------- training
-    def forward(self, ct: Tensor, mri: Tensor) -> tuple[Tensor, Tensor]:
-        return self.network(ct, mri)
+    def forward(self, *images: Tensor) -> tuple[Tensor, ...]:
+        """``network(*images)``: one batch per stream in ``modalities`` order (``(ct, mri)`` for the pair)."""
+        return self.network(*images)
+
+    def setup(self, stage: str) -> None:
+        """Before fitting: every stream of the network needs a training cohort of that name."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        cohorts = getattr(datamodule, "modalities", None)
+        if stage != "fit" or cohorts is None:
+            return
+        missing = [m for m in self.modalities if m not in cohorts]
+        if missing:
+            raise AqcfError(
+                f"the network's streams {', '.join(self.modalities)} need training cohorts of those names; "
+                f"data has {', '.join(cohorts) or 'none'} (no cohort for {', '.join(missing)})"
+            )
 
     def configure_model(self) -> None:
         """Compile the network once, when asked (Lightning calls this before training or evaluation)."""
@@ -167,7 +184,8 @@ class SegmentationModule(L.LightningModule):
 
         ``overlap`` defaults to ``sw_overlap`` (the test's); validation passes ``val_overlap``.
         """
-        modality = check_modality(modality)
+        # any stream name; the network refuses one it does not serve
+        modality = check_name(modality)
         predictor = functools.partial(self.network.forward_single, modality=modality)
         return sliding_window_inference(
             image,
@@ -182,6 +200,9 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         if self.modalities == MODALITIES:
             logits = dict(zip(MODALITIES, self.network(batch["ct"][IMAGE], batch["mri"][IMAGE]), strict=True))
+        elif len(self.modalities) > 1 and hasattr(self.network, "forward_streams"):
+            # M named streams in one joint pass (eq. 12 sums one loss per stream)
+            logits = self.network.forward_streams({m: batch[m][IMAGE] for m in self.modalities})
         else:
             logits = {m: self.network.forward_single(batch[m][IMAGE], m) for m in self.modalities}
         losses = {m: self.loss(logits[m], batch[m][LABEL].long()) for m in self.modalities}
@@ -216,7 +237,7 @@ class SegmentationModule(L.LightningModule):
 
     # --------------------------------------------------------------------------------------- validation
     def _evaluate_volume(self, batch: dict[str, Any], stage: str) -> tuple[str, Tensor, Tensor]:
-        modality = check_modality(batch["modality"][0])
+        modality = check_name(batch["modality"][0])
         if modality not in self.modalities:
             return modality, None, None
         logits = self.predict_volume(batch[IMAGE], modality, self.val_overlap if stage == "val" else None)
@@ -338,7 +359,7 @@ class SegmentationModule(L.LightningModule):
             model does not serve. :class:`aqcf.inference.writer.PredictionMaskWriter` maps the labels back
             onto the source scan and writes them.
         """
-        modality = check_modality(batch["modality"][0])
+        modality = check_name(batch["modality"][0])
         if modality not in self.modalities:
             return None
         logits = self.predict_volume(batch[IMAGE], modality)

@@ -1,0 +1,183 @@
+"""Named cohorts end to end: ``data.cohorts``, one queue per cohort, M streams, ``aqcf segment --modality t2``."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from aqcf.cli import main
+from aqcf.data.datamodule import UnpairedDataModule
+from aqcf.data.preprocess import PreprocessSettings
+from tests.conftest import REPO, TINY_CONFIG
+
+THREE = REPO / "configs" / "three_cohorts.yaml"
+SMALL = dict(patch_size=(32, 32, 16), samples_per_volume=2, queue_length=4, num_workers=0, progress=False,
+             augment=False, batch_pairs=2)
+
+
+@pytest.fixture(scope="session")
+def t2_cohort(tmp_path_factory) -> Path:
+    """Six T2 phantoms (nnU-Net layout) of 48x48x24 voxels, written by ``aqcf synth --n-t2``."""
+    out = tmp_path_factory.mktemp("t2")
+    assert main(["synth", "--out", str(out), "--n-ct", "0", "--n-mri", "0", "--n-t2", "6", "--shape", "48", "48", "24",
+                 "--seed", "3", "--overwrite"]) == 0
+    return out / "T2"
+
+
+def _cohorts(phantoms: Path, t2: Path) -> list[dict]:
+    return [
+        {"name": "ct", "root": str(phantoms / "LiTS"), "format": "lits"},
+        {"name": "mri", "root": str(phantoms / "ATLAS"), "format": "atlas"},
+        {"name": "t2", "root": str(t2), "format": "nnunet", "window": [60.0, 420.0]},
+    ]
+
+
+def _fit_args(phantoms: Path, t2: Path, root: Path) -> list[str]:
+    layer = root / "cohorts.yaml"
+    layer.write_text(yaml.safe_dump({"data": {"cohorts": _cohorts(phantoms, t2)}}))
+    return ["--config", str(THREE), "--config", str(TINY_CONFIG), "--config", str(layer),
+            "--data.cache_dir", str(phantoms / "cache"), "--trainer.default_root_dir", str(root)]
+
+
+@pytest.fixture(scope="module")
+def three_run(tiny_phantoms, t2_cohort, tmp_path_factory) -> Path:
+    """``configs/three_cohorts.yaml`` trained for two steps on tiny phantoms with a tiny network."""
+    root = tmp_path_factory.mktemp("three_run")
+    assert main(["fit", *_fit_args(tiny_phantoms, t2_cohort, root)]) == 0
+    return root
+
+
+def _metrics(root: Path) -> list[dict]:
+    rows = []
+    for path in sorted(root.glob("**/metrics.csv")):
+        rows += list(csv.DictReader(open(path)))
+    return rows
+
+
+def test_three_cohorts_config_fits_validates_and_tests(tiny_phantoms, t2_cohort, three_run):
+    best = three_run / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(best, map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert [c["name"] for c in checkpoint["datamodule_hyper_parameters"]["cohorts"]] == ["ct", "mri", "t2"]
+    assert {k.split(".")[2] for k in checkpoint["state_dict"] if k.startswith("network.heads.")} == {"ct", "mri", "t2"}
+    columns = set().union(*(row.keys() for row in _metrics(three_run)))
+    for name in ("ct", "mri", "t2"):
+        assert f"train/loss_{name}_step" in columns and f"val/dice_{name}_tumor" in columns
+    assert "gates/stage1/t2_to_ct_step" in columns and "gates/stage1/ct_to_t2_step" in columns
+    # every held-out case of the three cohorts (the tiny config stops after four volumes: CT and MRI only)
+    assert main(["test", *_fit_args(tiny_phantoms, t2_cohort, three_run), "--ckpt_path", str(best),
+                 "--trainer.limit_test_batches", "1.0"]) == 0
+    summary = json.loads((three_run / "test" / "summary.json").read_text())
+    assert set(summary["per_modality"]) == {"ct", "mri", "t2"}
+
+
+def test_three_queue_batch_holds_one_subject_per_cohort(tiny_phantoms, t2_cohort, tmp_path):
+    from lightning.pytorch.utilities import CombinedLoader
+
+    dm = UnpairedDataModule(cohorts=_cohorts(tiny_phantoms, t2_cohort), cache_dir=str(tiny_phantoms / "cache"),
+                            ct_spacing=(2.0, 2.0, 3.0), mri_spacing=(2.0, 2.0, 3.0), **SMALL)
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert isinstance(loader, CombinedLoader)
+    prefixes = {"ct": "lits-", "mri": "atlas-", "t2": "t2_"}
+    seen = {m: set() for m in prefixes}
+    steps = 0
+    for batch, _, _ in loader:
+        steps += 1
+        assert set(batch) == set(prefixes)
+        for m, prefix in prefixes.items():
+            assert batch[m]["image"].shape == (2, 1, 32, 32, 16)
+            train_ids = {e["id"] for e in dm.train_entries[m]}
+            assert all(i.startswith(prefix) and i in train_ids for i in batch[m]["id"])
+            seen[m].update(batch[m]["id"])
+    # each queue: samples_per_volume patches per training subject, batch_pairs per step
+    assert steps == max(-(-len(dm.train_entries[m]) * 2 // 2) for m in prefixes)
+    assert all(seen[m] == {e["id"] for e in dm.train_entries[m]} for m in prefixes)
+    assert len({dm.val_entries[m][0]["id"] for m in prefixes}) == 3
+    modalities = [item["modality"][0] for item in dm.val_dataloader()]
+    assert modalities == sorted(modalities, key=["ct", "mri", "t2"].index) and set(modalities) == set(prefixes)
+
+
+def test_legacy_pair_fields_equal_cohorts_written_out(tiny_phantoms):
+    common = dict(cache_dir=str(tiny_phantoms / "cache"), **SMALL)
+    legacy = UnpairedDataModule(str(tiny_phantoms / "LiTS"), str(tiny_phantoms / "ATLAS"),
+                                ct_spacing=(2.0, 2.0, 3.0), mri_spacing=(2.0, 2.0, 3.0), **common)
+    named = UnpairedDataModule(cohorts=[
+        {"name": "ct", "root": str(tiny_phantoms / "LiTS"), "format": "lits", "spacing": [2.0, 2.0, 3.0],
+         "window": [-16.0, 176.0], "orientation": "RAS"},
+        {"name": "mri", "root": str(tiny_phantoms / "ATLAS"), "format": "atlas", "spacing": [2.0, 2.0, 3.0],
+         "window": [74.0, 511.0], "orientation": "LAS"},
+    ], **common)
+    assert legacy.modalities == named.modalities == ("ct", "mri")
+    # the paper's settings, written independently of the code under test
+    expected = {"ct": PreprocessSettings("ct", "RAS", (-16.0, 176.0), (2.0, 2.0, 3.0)),
+                "mri": PreprocessSettings("mri", "LAS", (74.0, 511.0), (2.0, 2.0, 3.0))}
+    for m in ("ct", "mri"):
+        assert legacy.preprocess_settings(m) == named.preprocess_settings(m) == expected[m]
+    batches = []
+    for dm in (legacy, named):
+        dm.prepare_data()
+        dm.setup("fit")
+        torch.manual_seed(0)
+        batch, _, _ = next(iter(dm.train_dataloader()))
+        batches.append(batch)
+    for m in ("ct", "mri"):
+        assert legacy.manifests[m].entries == named.manifests[m].entries  # same cache files
+        for entries in ("train_entries", "val_entries", "test_entries"):
+            assert getattr(legacy, entries)[m] == getattr(named, entries)[m]
+        assert batches[0][m]["id"] == batches[1][m]["id"]
+        assert torch.equal(batches[0][m]["image"], batches[1][m]["image"])
+
+
+def test_new_cohort_takes_mri_style_defaults(tiny_phantoms, t2_cohort):
+    dm = UnpairedDataModule(cohorts=[{"name": "t2", "root": str(t2_cohort)}], mri_spacing=(3.0, 3.0, 4.0))
+    assert dm.preprocess_settings("t2") == PreprocessSettings("t2", "LAS", (74.0, 511.0), (3.0, 3.0, 4.0))
+    assert dm.formats == {"t2": "nnunet"}
+
+
+@pytest.mark.parametrize("cohorts, expected", [
+    ([{"name": "t2"}], "needs a name and a root"),
+    ([{"name": "t2", "root": "x", "windows": [0, 1]}], "unknown key 'windows'"),
+    ([{"name": "t2", "root": "x"}, {"name": "T2", "root": "y"}], "each name once"),
+])
+def test_bad_cohorts_give_one_line(cohorts, expected):
+    from aqcf.errors import AqcfError
+
+    with pytest.raises(AqcfError, match=expected):
+        UnpairedDataModule(cohorts=cohorts)
+
+
+def test_network_streams_without_cohorts_are_refused(tiny_phantoms, tmp_path, capsys):
+    args = ["--config", str(THREE), "--config", str(TINY_CONFIG), "--data.cohorts", json.dumps(
+        [{"name": "ct", "root": str(tiny_phantoms / "LiTS"), "format": "lits"},
+         {"name": "mri", "root": str(tiny_phantoms / "ATLAS"), "format": "atlas"}]),
+        "--data.cache_dir", str(tiny_phantoms / "cache"), "--trainer.default_root_dir", str(tmp_path)]
+    assert main(["fit", *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no cohort for t2" in lines[0], lines
+
+
+def test_segment_t2_with_the_three_stream_checkpoint(three_run, t2_cohort, tmp_path, capsys):
+    scan = sorted((t2_cohort / "imagesTr").glob("*.nii.gz"))[0]
+    best = str(three_run / "checkpoints" / "best.ckpt")
+    out = tmp_path / "out"
+    assert main(["segment", str(scan), "--modality", "t2", "--ckpt", best, "--out", str(out),
+                 "--overlap", "0.25", "--no-progress"]) == 0
+    mask = nib.load(out / scan.name.replace(".nii.gz", "_seg.nii.gz"))
+    assert mask.shape == nib.load(scan).shape
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2}
+    assert json.loads(out.joinpath(scan.name.replace(".nii.gz", "_seg.json")).read_text())["modality"] == "t2"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["segment", str(scan), "--modality", "pet", "--ckpt", best, "--out", str(tmp_path / "o2")])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--modality 'pet'" in lines[0] and "ct, mri, t2" in lines[0], lines
