@@ -46,13 +46,61 @@ from aqcf.data.preprocess import (
 from aqcf.errors import AqcfError
 from aqcf.io import write_json_atomic
 
-__all__ = ["mri_on_ct_grid", "preprocess_paired", "PairedPatches", "augment_pair", "MixedBatches"]
+__all__ = ["scan_on_grid", "mri_on_ct_grid", "preprocess_paired", "PairedPatches", "augment_pair", "MixedBatches"]
+
+
+def scan_on_grid(
+    image_path: str | Path, label_path: str | Path | None, reference, settings: PreprocessSettings
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """A scan (and label) of any modality resampled onto another scan's preprocessed grid, windowed to [0, 1].
+
+    The scan is world-aligned with the one that made the grid (co-registered) but may lie on any voxel
+    grid: it is resampled in world coordinates through both affines (linear for the image, nearest
+    neighbour for the label; outside its field of view the image is the window floor, 0, and the label
+    background), then windowed as its own modality is.
+
+    Args:
+        image_path: The scan (any grid, world-aligned with the reference).
+        label_path: Its label map on its own grid, or ``None``.
+        reference: A NIfTI file on the target grid (e.g. a cached, preprocessed CT image), or its
+            ``(shape, affine)``.
+        settings: The scan's own modality's preprocessing (only ``window`` is used: the grid is the
+            reference's).
+
+    Returns:
+        ``(image float32 (X, Y, Z) in [0, 1], label uint8 (X, Y, Z) or None, affine 4x4)`` on the target grid.
+    """
+    import torchio as tio
+
+    case = Case(f"paired-{settings.modality}", settings.modality, Path(image_path),
+                None if label_path is None else Path(label_path))
+    validate_case(case)
+    image = _load(Path(image_path), "image")
+    image.set_data(image.data.to(torch.float32))
+    subject = tio.Subject(image=image)
+    if label_path is not None:
+        subject.add_image(_load(Path(label_path), "label"), "label")
+        subject = tio.CopyAffine("image")(subject)  # within the gate's tolerance the grids are equal
+    low, high = settings.window
+    target = str(reference) if isinstance(reference, str | Path) else reference
+    transform = tio.Compose(
+        [
+            tio.Resample(target, image_interpolation="linear", label_interpolation="nearest"),
+            tio.Clamp(out_min=low, out_max=high),
+            tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high)),
+        ]
+    )
+    subject = transform(subject)
+    label = subject["label"].data[0].numpy().astype(np.uint8) if label_path is not None else None
+    return subject["image"].data[0].numpy().astype(np.float32), label, np.asarray(subject["image"].affine)
 
 
 def mri_on_ct_grid(
     mri_image: str | Path, mri_label: str | Path | None, ct_reference, settings: PreprocessSettings
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """An MRI scan (and label) resampled onto a preprocessed CT grid and windowed to [0, 1].
+
+    :func:`scan_on_grid` for the paired patients.
 
     Args:
         mri_image: The MRI scan (any grid, world-aligned with the CT).
@@ -64,27 +112,7 @@ def mri_on_ct_grid(
     Returns:
         ``(image float32 (X, Y, Z) in [0, 1], label uint8 (X, Y, Z) or None, affine 4x4)`` on the CT grid.
     """
-    import torchio as tio
-
-    validate_case(Case("paired-mri", MRI, Path(mri_image), None if mri_label is None else Path(mri_label)))
-    image = _load(Path(mri_image), "image")
-    image.set_data(image.data.to(torch.float32))
-    subject = tio.Subject(image=image)
-    if mri_label is not None:
-        subject.add_image(_load(Path(mri_label), "label"), "label")
-        subject = tio.CopyAffine("image")(subject)  # within the gate's tolerance the grids are equal
-    low, high = settings.window
-    target = str(ct_reference) if isinstance(ct_reference, str | Path) else ct_reference
-    transform = tio.Compose(
-        [
-            tio.Resample(target, image_interpolation="linear", label_interpolation="nearest"),
-            tio.Clamp(out_min=low, out_max=high),
-            tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(low, high)),
-        ]
-    )
-    subject = transform(subject)
-    label = subject["label"].data[0].numpy().astype(np.uint8) if mri_label is not None else None
-    return subject["image"].data[0].numpy().astype(np.float32), label, np.asarray(subject["image"].affine)
+    return scan_on_grid(mri_image, mri_label, ct_reference, settings)
 
 
 def preprocess_paired(

@@ -40,6 +40,7 @@ __all__ = [
     "resolve_device",
     "flip_averaged",
     "sliding_window_logits",
+    "sliding_window_present",
     "argmax_labels",
     "restore_probabilities",
     "segmentation_from_probabilities",
@@ -193,6 +194,64 @@ def sliding_window_logits(
         sw_device=device,
         device=stitch,
     )
+
+
+def sliding_window_present(
+    network: nn.Module,
+    images: Mapping[str, Tensor],
+    outputs: Sequence[str],
+    window: WindowSettings,
+    device: torch.device | str = "cpu",
+    precision: str = "32",
+) -> dict[str, Tensor]:
+    """Logits of several streams by one sliding window over several co-registered images (eq. 17).
+
+    The images are stacked as channels so MONAI cuts every window at the same place of all of them;
+    each window runs ``network.forward_present`` on its slices (the streams not given are zero-filled),
+    and the requested streams' logits come back stacked as channels, stitched once.
+
+    Args:
+        network: provides ``forward_present(images, outputs)`` (:class:`aqcf.networks.aqcfnet.AQCFNet`).
+        images: ``{stream: (B, C_in, X, Y, Z)}`` preprocessed onto one grid, float in [0, 1].
+        outputs: the streams whose logits to return.
+        window: the sliding-window settings.
+        device: where windows are computed (the network must be there already).
+        precision: ``"32"``, ``"bf16"`` or ``"16"`` (autocast of the network; stitching stays float32).
+
+    Returns:
+        ``{stream: float32 (B, C, X, Y, Z)}`` for ``outputs`` in that order, on the CPU when
+        ``window.stitch_on_cpu`` else on ``device``.
+    """
+    from monai.inferers import sliding_window_inference
+
+    device = torch.device(device)
+    if precision not in PRECISIONS:
+        raise AqcfError(f"precision {precision!r}: need one of {tuple(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise AqcfError("precision '16' needs a CUDA device; use 'bf16' or '32' on the CPU")
+    names = [check_name(m) for m in images]
+    outputs = [check_name(m) for m in outputs]
+    channels = [int(images[m].shape[1]) for m in images]
+
+    def present(x: Tensor) -> Tensor:
+        sliced = dict(zip(names, torch.split(x, channels, dim=1), strict=True))
+        logits = network.forward_present(sliced, outputs=outputs)
+        return torch.cat([logits[m] for m in outputs], dim=1)
+
+    predictor = _autocast(present, device.type, dtype) if dtype is not None else present
+    stitch = torch.device("cpu") if window.stitch_on_cpu else device
+    stacked = sliding_window_inference(
+        torch.cat(list(images.values()), dim=1).to(stitch),
+        roi_size=window.roi_size,
+        sw_batch_size=window.batch_size,
+        predictor=predictor,
+        overlap=window.overlap,
+        mode=window.mode,
+        sw_device=device,
+        device=stitch,
+    )
+    return dict(zip(outputs, torch.chunk(stacked, len(outputs), dim=1), strict=True))
 
 
 def argmax_labels(logits: Tensor) -> Tensor:
@@ -423,6 +482,27 @@ class Predictor:
             float32 CPU tensor (C, X, Y, Z), summing to 1 over C at every voxel.
         """
         return torch.softmax(self._logits(image, modality)[0], dim=0).cpu()
+
+    @torch.inference_mode()
+    def logits_present(self, images: Mapping[str, Tensor], outputs: Sequence[str]) -> dict[str, Tensor]:
+        """Stitched logits of several streams from co-registered preprocessed volumes of one patient.
+
+        Args:
+            images: ``{modality: (1, X, Y, Z)}`` on one preprocessed grid, float in [0, 1]; every
+                modality one the model was trained on (the other streams are zero-filled).
+            outputs: the modalities whose logits to return (trained ones).
+
+        Returns:
+            ``{modality: float32 (1, C, X, Y, Z)}`` for ``outputs`` (:func:`sliding_window_present`).
+
+        Raises:
+            AqcfError: an untrained modality, or test-time augmentation asked for (not supported here).
+        """
+        if self.tta:
+            raise AqcfError("test-time augmentation is not supported with several modalities")
+        named = {self.check_modality(m): image[None].float() for m, image in images.items()}
+        wanted = [self.check_modality(m) for m in outputs]
+        return sliding_window_present(self.network, named, wanted, self.window, self.device, self.precision)
 
     def segment_file(self, path: str | Path, modality: str, probabilities: bool = False) -> Segmentation:
         """Segment one scan file (NIfTI) into labels on its own voxel grid.

@@ -19,6 +19,12 @@ Several ``--ckpt`` (or a run folder: every ``fold*/checkpoints/best.ckpt``) aver
 ``--postprocess largest-liver`` keeps the largest liver component (:mod:`aqcf.inference.postprocess`);
 ``--dicom-seg`` writes a DICOM Segmentation beside the mask of a DICOM input
 (:mod:`aqcf.inference.dicom_seg`).
+
+Several ``--modality`` (``aqcf segment ct.nii.gz t2.nii.gz --modality ct --modality t2``) segment
+co-registered scans of one patient together, one input per modality in the same order
+(:func:`segment_patient`, :mod:`aqcf.inference.multimodal`): every given stream's mask is written as
+``<first stem>_<modality><suffix>.nii.gz`` (with its ``.json``, and ``.png`` / probabilities when asked)
+on that modality's own scan grid.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -56,6 +62,7 @@ __all__ = [
     "write_mask",
     "write_probabilities",
     "segment_scans",
+    "segment_patient",
     "main",
 ]
 
@@ -411,6 +418,95 @@ def segment_scans(
     return records
 
 
+def segment_patient(
+    scans: Sequence[Scan],
+    modalities: Sequence[str],
+    predictor,
+    out_dir: str | Path,
+    suffix: str = DEFAULT_SUFFIX,
+    overwrite: bool = False,
+    png: bool = False,
+    probabilities: bool = False,
+    postprocessing: str = "none",
+    resume: bool = False,
+) -> list[dict]:
+    """Segment co-registered scans of one patient together and write every given stream's outputs.
+
+    The first scan's preprocessed grid is the common grid, the other scans are resampled onto it and one
+    sliding window runs over all of them (:func:`aqcf.inference.multimodal.segment_present`). Each
+    modality's outputs are named ``<first scan's stem>_<modality><suffix>`` and lie on that modality's
+    own scan grid, as :func:`segment_scans` writes them.
+
+    Args:
+        scans: one scan per modality (:func:`find_scans`), in the order of ``modalities``.
+        modalities: distinct modalities the model was trained on; the first one's grid is used.
+        predictor: a single :class:`aqcf.inference.predictor.Predictor` (no ensemble, no TTA).
+        out_dir, suffix, overwrite, png, probabilities, postprocessing: as in :func:`segment_scans`.
+        resume: with every mask of the patient complete (:func:`is_complete`) do nothing; otherwise
+            redo the patient.
+
+    Returns:
+        The JSON records written, one per modality.
+    """
+    from aqcf.inference.measures import format_measures, scan_measures
+    from aqcf.inference.multimodal import segment_present
+    from aqcf.inference.postprocess import postprocess
+    from aqcf.io import write_text_atomic
+
+    modalities = [predictor.check_modality(m) for m in modalities]
+    if len(scans) != len(modalities):
+        raise AqcfError(f"{len(modalities)} modalities need one scan each, got {len(scans)} scans")
+    outputs = [replace(scan, name=f"{scans[0].name}_{m}") for scan, m in zip(scans, modalities, strict=True)]
+    out_dir = Path(out_dir)
+    if not _check_outputs(outputs, out_dir, suffix, png, overwrite, (), probabilities, False, resume):
+        for scan in outputs:
+            print(f"{scan.name}: complete, skipped (--continue)", file=sys.stdout)
+        return []
+    start = time.perf_counter()
+    records = []
+    with contextlib.ExitStack() as stack:
+        opened = [stack.enter_context(_opened(scan)) for scan in scans]
+        results = segment_present(
+            {m: nifti for m, (nifti, _, _) in zip(modalities, opened, strict=True)}, predictor, probabilities
+        )
+        for scan, modality, (_, reference, _) in zip(outputs, modalities, opened, strict=True):
+            result = results[modality]
+            labels = postprocess(result.labels, postprocessing)
+            if not np.allclose(result.record["original_affine"], reference.affine, atol=AFFINE_TOLERANCE_MM):
+                warnings.warn(
+                    f"{scan.source}: the affine read for preprocessing differs from the NIfTI header's "
+                    "(sform with shear?); the mask is written with the header's",
+                    stacklevel=2,
+                )
+            paths = output_paths(scan, out_dir, suffix, png, probabilities)
+            if probabilities:
+                write_probabilities(paths["probabilities"], result.probabilities)
+            write_mask(paths["mask"], labels, reference)
+            measures = scan_measures(labels, reference.affine)
+            if png:
+                _overlay(paths["png"], reference, labels, f"{scan.name} ({modality.upper()})")
+            record = {
+                "input": str(scan.source),
+                "input_kind": scan.kind,
+                "mask": str(paths["mask"]),
+                "modality": modality,
+                # the patient's scans, in the order given; the first one's preprocessed grid was the common grid
+                "inputs": {m: str(s.source) for m, s in zip(modalities, scans, strict=True)},
+                "grid": modalities[0],
+                "shape": [int(n) for n in labels.shape],
+                "spacing_mm": [float(s) for s in np.linalg.norm(np.asarray(reference.affine)[:3, :3], axis=0)],
+                **measures,
+                "inference": {**predictor.settings(), "postprocessing": postprocessing},
+                **({"probabilities": str(paths["probabilities"])} if probabilities else {}),
+                "seconds": {k: round(v, 3) for k, v in {**result.seconds,
+                                                        "total": time.perf_counter() - start}.items()},
+            }
+            write_text_atomic(paths["json"], _json_text(record))
+            print(f"{scan.name}: {format_measures(measures)} -> {paths['mask']}", file=sys.stdout)
+            records.append(record)
+    return records
+
+
 def _parser() -> argparse.ArgumentParser:
     from aqcf.cli import ArgumentParser
 
@@ -427,8 +523,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-i", dest="more_inputs", nargs="+", action="extend", default=[], metavar="INPUT",
                    help="inputs, as nnUNetv2_predict takes them (added to the positional ones)")
-    p.add_argument("--modality", required=True, help="modality of every input: a stream the checkpoint was trained "
-                   f"on ({', '.join(MODALITIES)} for the pair; a cohort's name, e.g. t2, for a model of named cohorts)")
+    p.add_argument("--modality", required=True, action="append", help="modality of every input: a stream the "
+                   f"checkpoint was trained on ({', '.join(MODALITIES)} for the pair; a cohort's name, e.g. t2, for a "
+                   "model of named cohorts). Given several times (--modality ct --modality t2), the inputs are "
+                   "co-registered scans of ONE patient, one per modality in the same order, segmented together "
+                   "on the first one's grid: writes <first stem>_<modality>_seg.nii.gz per modality on its own "
+                   "scan's grid; one --ckpt only, no --backend onnxruntime, --tta or --dicom-seg")
     p.add_argument(
         "--ckpt", nargs="+", help="checkpoint written by `aqcf fit` (e.g. runs/NAME/fold0/checkpoints/best.ckpt); "
         "several, or a run folder (every fold*/checkpoints/best.ckpt in it), make an ensemble: the mean of their "
@@ -485,6 +585,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [*args.inputs, *args.more_inputs]
     if not inputs:
         parser.error("give at least one INPUT (positional or -i)")
+    if len(args.modality) > 1:
+        return _main_patient(parser, args, inputs)
+    args.modality = args.modality[0]
     if args.backend == "torch":
         if not args.ckpt or args.onnx:
             parser.error("--backend torch needs --ckpt (and no --onnx)")
@@ -536,5 +639,49 @@ def main(argv: list[str] | None = None) -> int:
         progress=not args.no_progress,
         postprocessing=args.postprocess,
         **extra,
+    )
+    return 0
+
+
+def _main_patient(parser: argparse.ArgumentParser, args: argparse.Namespace, inputs: list[str]) -> int:
+    """``aqcf segment`` with several ``--modality``: co-registered scans of one patient (:func:`segment_patient`)."""
+    from aqcf.inference.ensemble import checkpoint_paths
+    from aqcf.inference.predictor import Predictor, load_checkpoint_info
+
+    names = [m.lower() for m in args.modality]
+    refused = {"--backend onnxruntime": args.backend != "torch", "--onnx": bool(args.onnx), "--tta": args.tta,
+               "--dicom-seg": args.dicom_seg}
+    for flag, given in refused.items():
+        if given:
+            parser.error(f"{flag} is not supported with several --modality (one patient's co-registered scans)")
+    for name in names:
+        if names.count(name) > 1:
+            parser.error(f"--modality {name} is given twice: give each modality once, with its own input")
+    if len(inputs) != len(names):
+        parser.error(f"{len(names)} --modality need exactly one input each, in the same order; got {len(inputs)}")
+    if not args.ckpt:
+        parser.error("several --modality need --ckpt")
+    models = checkpoint_paths(args.ckpt)
+    if len(models) > 1:
+        parser.error(f"several --modality take one checkpoint, not an ensemble of {len(models)}")
+    load_checkpoint_info(models[0])  # a missing, damaged or foreign checkpoint fails before the inputs are read
+    scans = find_scans(inputs, series=args.series)
+    if len(scans) != len(names):
+        parser.error(f"several --modality need one scan per input (a NIfTI file or a DICOM series folder); "
+                     f"the {len(inputs)} inputs hold {len(scans)} scans")
+    predictor = Predictor.from_checkpoint(
+        models[0], device=args.device, precision=args.precision, roi_size=args.window, overlap=args.overlap,
+        batch_size=args.sw_batch_size, mode=args.blend, stitch_on_cpu=args.stitch_on_cpu,
+    )
+    if args.absent_context is not None:
+        if not hasattr(predictor.network, "absent_context"):
+            parser.error(f"--absent-context: the network of {predictor.source} has no A-QCF blocks")
+        predictor.network.absent_context = args.absent_context
+    for name in names:
+        if name not in (*predictor.modalities, *MODALITIES):
+            parser.error(f"--modality {name!r}: {predictor.source} was trained on {', '.join(predictor.modalities)}")
+    segment_patient(
+        scans, names, predictor, args.out, suffix=args.suffix, overwrite=args.overwrite, png=args.png,
+        probabilities=args.save_probabilities, postprocessing=args.postprocess, resume=args.resume,
     )
     return 0
