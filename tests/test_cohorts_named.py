@@ -181,3 +181,23 @@ def test_segment_t2_with_the_three_stream_checkpoint(three_run, t2_cohort, tmp_p
     assert exit_info.value.code == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and "--modality 'pet'" in lines[0] and "ct, mri, t2" in lines[0], lines
+
+
+def test_export_t2_is_the_present_stream_with_the_others_zero_filled(three_run, tmp_path):
+    import torch
+
+    from aqcf.inference.predictor import Predictor
+
+    best = three_run / "checkpoints" / "best.ckpt"
+    out = tmp_path / "t2.pt"
+    assert main(["export", "--ckpt", str(best), "--format", "torchscript", "--modality", "t2",
+                 "--out", str(out)]) == 0
+    settings = json.loads((tmp_path / "t2.pt.json").read_text())
+    assert settings["modality"] == "t2" and settings["check"]["max_abs_difference"] <= 1e-4
+    network = Predictor.from_checkpoint(best).network
+    x = torch.rand(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(0))
+    zeros = torch.zeros_like(x)
+    with torch.no_grad():
+        expected = network.forward_streams({"ct": zeros, "mri": zeros, "t2": x})["t2"]
+        got = torch.jit.load(str(out))(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)

@@ -309,7 +309,8 @@ def _parser():
         p.add_argument(f"--{m}-format", metavar="FMT", help=f"layout of --{m}-data (default {DEFAULT_FORMATS[m]})")
     p.add_argument("--data", metavar="ROOT", help="one cohort folder; with --format and --modality")
     p.add_argument("--format", dest="data_format", metavar="FMT", help="layout of --data: lits, atlas, nnunet, ...")
-    p.add_argument("--modality", choices=MODALITIES, help="modality of --data")
+    p.add_argument("--modality", type=str.lower,
+                   help="modality of --data: one the checkpoint was trained on (ct, mri or a named cohort)")
     p.add_argument("--cache", help="preprocessing cache for --*-data (default: the run's cache folder, else ./cache)")
     p.add_argument("--cases", type=int, metavar="N", help="analyse the first N cases of each modality (default all)")
     p.add_argument("--method", choices=[*METHODS, "both"], default="both", help="saliency method (default both)")
@@ -351,7 +352,8 @@ def _cohort_requests(args) -> dict[str, tuple[str, str]]:
             raise AqcfError("--data needs --modality (and --format unless it is the modality's default)")
         if args.modality in requests:
             raise AqcfError(f"--data --modality {args.modality} and --{args.modality}-data both given")
-        requests[args.modality] = (args.data, args.data_format or DEFAULT_FORMATS[args.modality])
+        # a named cohort beyond ct and mri is in the nnU-Net layout unless --format says otherwise
+        requests[args.modality] = (args.data, args.data_format or DEFAULT_FORMATS.get(args.modality, "nnunet"))
     return requests
 
 
@@ -426,7 +428,8 @@ def _select_cases(args, requests: Mapping, predictor, hparams: Mapping):
         }
     else:
         cases = checkpoint_cases(hparams, progress)
-    cases = {m: cases[m][: args.cases] for m in MODALITIES if cases.get(m)}
+    order = [*MODALITIES, *(m for m in predictor.modalities if m not in MODALITIES)]
+    cases = {m: cases[m][: args.cases] for m in order if cases.get(m)}
     if not cases:
         raise AqcfError("no case to analyse")
     return layers, cases

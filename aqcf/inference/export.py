@@ -407,8 +407,9 @@ def _parser():
     p.add_argument("--ckpt", required=True, type=Path, help="checkpoint written by aqcf fit (best.ckpt)")
     p.add_argument("--format", required=True, choices=FORMATS, dest="fmt",
                    help="onnx (needs pip install 'aqcf[onnx]') or torchscript")
-    p.add_argument("--modality", required=True, type=str.lower, choices=("ct", "mri"),
-                   help="the modality the exported model segments")
+    p.add_argument("--modality", required=True, type=str.lower,
+                   help="the modality the exported model segments: one the checkpoint was trained on (ct, mri, "
+                   "or a named cohort such as t2)")
     p.add_argument("--out", required=True, type=Path, help="model file, e.g. model.onnx (settings: model.onnx.json)")
     p.add_argument("--no-check", action="store_true",
                    help="skip running the exported model once against PyTorch on a random window")
