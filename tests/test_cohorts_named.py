@@ -201,3 +201,103 @@ def test_export_t2_is_the_present_stream_with_the_others_zero_filled(three_run, 
         expected = network.forward_streams({"ct": zeros, "mri": zeros, "t2": x})["t2"]
         got = torch.jit.load(str(out))(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+SWAPPED = {0: 0, 1: 2, 2: 1}
+
+
+def _t2_module(root: Path, cache: Path, labels=None) -> UnpairedDataModule:
+    cohort = {"name": "t2", "root": str(root), "window": [60.0, 420.0], "labels": labels}
+    return UnpairedDataModule(cohorts=[cohort], cache_dir=str(cache), mri_spacing=(2.0, 2.0, 3.0), **SMALL)
+
+
+@pytest.fixture(scope="module")
+def t2_swapped(t2_cohort, tmp_path_factory) -> Path:
+    """The T2 cohort with its mask values 1 and 2 swapped (tumor coded 1, liver 2)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("t2_swapped") / "T2"
+    shutil.copytree(t2_cohort, root)
+    for path in sorted((root / "labelsTr").glob("*.nii.gz")):
+        image = nib.load(path)
+        labels = np.asarray(image.dataobj)
+        swapped = np.where(labels == 1, 2, np.where(labels == 2, 1, labels)).astype(labels.dtype)
+        nib.save(nib.Nifti1Image(swapped, image.affine, image.header), path)
+    return root
+
+
+def test_swapped_masks_with_declared_labels_cache_the_same_label_maps(t2_cohort, t2_swapped, tmp_path):
+    from aqcf.data.cohorts import read_cohort
+    from aqcf.data.preprocess import cohort_key
+
+    sources = [np.asarray(nib.load(p).dataobj) for p in sorted((t2_swapped / "labelsTr").glob("*.nii.gz"))]
+    originals = [np.asarray(nib.load(p).dataobj) for p in sorted((t2_cohort / "labelsTr").glob("*.nii.gz"))]
+    assert any(((o == 1) & (s == 2)).any() and ((o == 2) & (s == 1)).any()
+               for o, s in zip(originals, sources, strict=True))
+    original = _t2_module(t2_cohort, tmp_path / "cache")
+    swapped = _t2_module(t2_swapped, tmp_path / "cache", labels=yaml.safe_load("{0: 0, 1: 2, 2: 1}"))
+    assert swapped.labels == {"t2": SWAPPED}
+    for dm in (original, swapped):
+        dm.prepare_data()
+        dm.setup("fit")
+    by_id = [dm.manifests["t2"].by_id() for dm in (original, swapped)]
+    assert sorted(by_id[0]) == sorted(by_id[1]) and len(by_id[0]) == 6
+    for case, entry in by_id[0].items():
+        other = by_id[1][case]
+        np.testing.assert_array_equal(np.asarray(nib.load(other["label"]).dataobj),
+                                      np.asarray(nib.load(entry["label"]).dataobj))
+        assert other["has_tumor"] == entry["has_tumor"] and other["voxel_counts"] == entry["voxel_counts"]
+    assert any(e["has_tumor"] for e in by_id[0].values())
+    # the mapping is part of the key: the same files with the default convention are another cache
+    cases = read_cohort(t2_swapped, "nnunet", "t2")
+    assert swapped.manifests["t2"].key != cohort_key(cases, swapped.preprocess_settings("t2"))
+
+
+def test_label_value_the_mapping_does_not_cover_is_one_line_naming_the_file(t2_cohort, tmp_path):
+    from aqcf.errors import AqcfError
+
+    dm = _t2_module(t2_cohort, tmp_path / "cache", labels={0: "background", 1: "liver"})
+    with pytest.raises(AqcfError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(t2_cohort / "labelsTr") in message and "label values {2}" in message
+    assert "t2 cohort's labels {0: 0, 1: 1}" in message
+    assert not list((tmp_path / "cache").glob("*/manifest.json"))
+
+
+def test_default_labels_leave_the_cache_key_unchanged(t2_cohort):
+    import hashlib
+
+    from aqcf.data.cohorts import read_cohort
+    from aqcf.data.preprocess import DEFAULT_LABELS, cohort_key
+
+    named = UnpairedDataModule(cohorts=[{"name": "t2", "root": str(t2_cohort), "labels": {"0": "background",
+                                                                                            "1": "liver", "2": 2}}])
+    plain = UnpairedDataModule(cohorts=[{"name": "t2", "root": str(t2_cohort)}])
+    assert named.labels == plain.labels == {"t2": DEFAULT_LABELS}
+    cases = read_cohort(t2_cohort, "nnunet", "t2")
+    settings = plain.preprocess_settings("t2")
+    # the key as it was computed before cohorts declared labels
+    def fingerprint(path) -> list:
+        return [str(Path(path).resolve()), Path(path).stat().st_size, Path(path).stat().st_mtime_ns]
+
+    files = [[c.id, c.modality, fingerprint(c.image), fingerprint(c.label)] for c in cases]
+    before = hashlib.sha256(json.dumps({"settings": settings.hash(), "cases": files}, sort_keys=True).encode())
+    assert cohort_key(cases, settings) == cohort_key(cases, settings, named.labels["t2"]) == before.hexdigest()[:12]
+    assert cohort_key(cases, settings, SWAPPED) != before.hexdigest()[:12]
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ({0: 0, 1: 3}, r"data.cohorts\[0\].labels: mask value 1 maps to 3; classes are 0, 1, 2"),
+    ({0: 0, "one": 1}, r"mask value 'one' is not an integer"),
+    ({0: 0, 1: "bone"}, r"mask value 1 maps to 'bone'"),
+    ({1: 1, "1": 2}, r"mask value 1 is given twice"),
+    ("tumor", r"need a mapping from mask values to classes"),
+])
+def test_bad_labels_are_refused_at_construction(labels, expected):
+    from aqcf.errors import AqcfError
+
+    with pytest.raises(AqcfError, match=expected) as info:
+        UnpairedDataModule(cohorts=[{"name": "t2", "root": "nowhere", "labels": labels}])
+    assert "\n" not in str(info.value)

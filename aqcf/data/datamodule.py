@@ -28,7 +28,7 @@ from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI, check_modality, ch
 from aqcf.data.augment import build_augmentation
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.patches import CachedPatchSampler, DrawPatches
-from aqcf.data.preprocess import Manifest, PreprocessSettings, preprocess_cohort
+from aqcf.data.preprocess import DEFAULT_LABELS, Manifest, PreprocessSettings, label_mapping, preprocess_cohort
 from aqcf.data.splits import PROTOCOLS, load_or_create_splits
 from aqcf.errors import AqcfError
 
@@ -55,7 +55,9 @@ class Cohort:
 
     ``spacing``, ``window`` and ``orientation`` left ``None`` take the data module's ``<name>_*`` field
     for a cohort named ``ct`` or ``mri``, and the ``mri_*`` field for any other name (a further MRI
-    cohort such as T2), then :meth:`PreprocessSettings.default`.
+    cohort such as T2), then :meth:`PreprocessSettings.default`. ``labels`` is the cohort's label
+    convention, ``(mask value, class)`` pairs (:func:`aqcf.data.preprocess.label_mapping`), applied to
+    the label maps of ``root`` and ``test_root`` alike.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Cohort:
     orientation: str | None = None
     test_root: str | None = None
     test_format: str = "nnunet"
+    labels: tuple[tuple[int, int], ...] = tuple(DEFAULT_LABELS.items())
 
 
 COHORT_KEYS = tuple(f.name for f in dataclasses.fields(Cohort))
@@ -110,6 +113,7 @@ def cohorts_from_hparams(hparams) -> tuple[Cohort, ...]:
             raise AqcfError(f"data.cohorts[{i}]: {problem}; keys: {', '.join(COHORT_KEYS)}")
         name = check_name(entry["name"])
         values = _legacy_cohort(hparams, name) | {k: v for k, v in entry.items() if v is not None}
+        values["labels"] = tuple(label_mapping(entry.get("labels"), f"data.cohorts[{i}].labels").items())
         cohorts.append(Cohort(**{**values, "name": name, "root": str(entry["root"])}))
     names = [c.name for c in cohorts]
     if not names or len(set(names)) != len(names):
@@ -255,9 +259,10 @@ class UnpairedDataModule(L.LightningDataModule):
     Args:
         cohorts: The training cohorts by name, in stream order: mappings with ``name`` (the stream),
             ``root``, ``format`` and optionally ``spacing``, ``window``, ``orientation``, ``test_root``,
-            ``test_format`` (:class:`Cohort`; a knob left out takes the ``<name>_*`` field, ``mri_*`` for
-            a new name). ``None`` (default): the CT and MRI cohorts of the ``ct_*`` / ``mri_*`` fields,
-            which must then stay ``None`` when ``cohorts`` is given.
+            ``test_format``, ``labels`` (:class:`Cohort`; a knob left out takes the ``<name>_*`` field,
+            ``mri_*`` for a new name; ``labels`` maps the cohort's mask values to 0 background, 1 liver,
+            2 tumor, default the identity). ``None`` (default): the CT and MRI cohorts of the ``ct_*`` /
+            ``mri_*`` fields, which must then stay ``None`` when ``cohorts`` is given.
         ct_root: CT cohort folder (LiTS layout by default).
         mri_root: MRI cohort folder (ATLAS layout by default).
         ct_format: Layout of ``ct_root``: ``lits``, ``atlas``, ``nnunet`` (or a registered format).
@@ -375,6 +380,7 @@ class UnpairedDataModule(L.LightningDataModule):
         self.formats = {c.name: c.format for c in self.cohorts}
         self.test_roots = {c.name: c.test_root for c in self.cohorts}
         self.test_formats = {c.name: c.test_format for c in self.cohorts}
+        self.labels = {c.name: dict(c.labels) for c in self.cohorts}
         self.patch_size = tuple(int(n) for n in patch_size)
         self.label_probabilities = dict(label_probabilities or DEFAULT_LABEL_PROBABILITIES)
         self.manifests: dict[str, Manifest] = {}
@@ -407,6 +413,7 @@ class UnpairedDataModule(L.LightningDataModule):
                 progress=self.hparams.progress,
                 verify=verify,
                 skip_bad=self.hparams.skip_bad,
+                labels=self.labels[modality],
             )
 
     def _splits_path(self, modality: str) -> Path:

@@ -22,12 +22,15 @@ voxel grid (nearest neighbour), which is how ``aqcf segment`` writes its masks.
 :func:`preprocess_cohort` runs the pipeline once per cohort and settings into
 ``cache_dir/<name>-<key>/`` with a ``manifest.json`` written last; ``key`` hashes the settings, the
 pipeline version and the case list (paths, sizes, modification times), so a change of any of them
-makes a new cache and never reuses a stale one.
+makes a new cache and never reuses a stale one. A cohort whose masks code the classes otherwise
+declares its ``labels`` (:func:`label_mapping`); every label map is mapped right after it is read,
+before the label check, and a mapping other than the identity is part of the key.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -43,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from aqcf.cli import ArgumentParser
-from aqcf.constants import CT, MRI, check_name
+from aqcf.constants import CLASS_NAMES, CT, MRI, check_name
 from aqcf.data import gate
 from aqcf.data.cohorts import (
     AFFINE_TOLERANCE_MM,
@@ -70,6 +73,9 @@ __all__ = [
     "restore_to_original",
     "preprocess_cohort",
     "cohort_key",
+    "DEFAULT_LABELS",
+    "label_mapping",
+    "map_labels",
     "main",
 ]
 
@@ -82,6 +88,8 @@ file's size and checksum."""
 MANIFEST = "manifest.json"
 DEFAULT_WINDOWS = {CT: (-16.0, 176.0), MRI: (74.0, 511.0)}
 DEFAULT_ORIENTATIONS = {CT: "RAS", MRI: "LAS"}
+DEFAULT_LABELS = {0: 0, 1: 1, 2: 2}
+"""A cohort's mask value -> the project's class (0 background, 1 liver, 2 tumor): the identity."""
 
 
 @dataclass(frozen=True)
@@ -205,13 +213,77 @@ def _load(path: Path, kind: str):
     return (tio.ScalarImage if kind == "image" else tio.LabelMap)(tensor=tensor, affine=volume.affine)
 
 
+def label_mapping(labels, where: str = "labels") -> dict[int, int]:
+    """A cohort's label convention as ``{mask value: class}``, checked.
+
+    Args:
+        labels: ``None`` (:data:`DEFAULT_LABELS`), a mapping or ``(value, class)`` pairs. Keys are
+            integers, or their strings (a YAML or JSON round trip); classes are 0, 1, 2 or their names
+            (``background``, ``liver``, ``tumor``).
+        where: What to call the mapping in the message (``data.cohorts[2].labels``).
+
+    Raises:
+        AqcfError: Not a mapping, a key that is not an integer or is given twice, or a class outside
+            {0, 1, 2}.
+    """
+    if labels is None:
+        return dict(DEFAULT_LABELS)
+    pairs = None
+    if not isinstance(labels, str):
+        with contextlib.suppress(TypeError):
+            pairs = list(labels.items()) if hasattr(labels, "items") else [tuple(pair) for pair in labels]
+    if not pairs or any(len(pair) != 2 for pair in pairs):
+        raise AqcfError(f"{where} {labels!r}: need a mapping from mask values to classes, e.g. {{0: 0, 1: 2, 2: 1}}")
+    mapping = {}
+    for value, target in pairs:
+        try:
+            key = int(str(value).strip())
+        except ValueError:
+            key = None
+        cls = CLASS_NAMES.index(target) if target in CLASS_NAMES else target
+        if key is None:
+            raise AqcfError(f"{where}: mask value {value!r} is not an integer")
+        if key in mapping:
+            raise AqcfError(f"{where}: mask value {key} is given twice")
+        if isinstance(cls, bool) or cls not in range(len(CLASS_NAMES)):
+            raise AqcfError(
+                f"{where}: mask value {key} maps to {target!r}; classes are 0, 1, 2 ({', '.join(CLASS_NAMES)})"
+            )
+        mapping[key] = int(cls)
+    return dict(sorted(mapping.items()))
+
+
+def map_labels(path: str | Path, array: np.ndarray, labels: dict[int, int], cohort: str = "the") -> np.ndarray:
+    """A label map's voxels in the project's classes: ``labels[value]`` for each voxel.
+
+    Args:
+        path: The label file, for the message.
+        array: Its voxels, any numeric dtype (kept, and its memory layout).
+        labels: ``{mask value: class}`` (:func:`label_mapping`).
+        cohort: The cohort's name, for the message.
+
+    Raises:
+        AqcfError: A value the mapping does not cover is present (non-integers and NaN included).
+    """
+    uncovered = [v for v in np.unique(array).tolist() if not (float(v).is_integer() and int(v) in labels)]
+    if uncovered:
+        shown = ", ".join(f"{v:g}" for v in uncovered[:5]) + (", ..." if len(uncovered) > 5 else "")
+        raise AqcfError(f"{path}: label values {{{shown}}} not covered by {cohort} cohort's labels {labels}")
+    mapped = np.zeros_like(array)
+    for value, cls in labels.items():
+        if cls:
+            mapped[array == value] = cls
+    return mapped
+
+
 def _run(
     image_path: Path,
     label_path: Path | None,
     settings: PreprocessSettings,
     tolerance_mm: float = AFFINE_TOLERANCE_MM,
+    labels: dict[int, int] | None = None,
 ):
-    """The pipeline on one scan (and its label). Returns ``(subject, record)``."""
+    """The pipeline on one scan (and its label, mapped by ``labels``). Returns ``(subject, record)``."""
     import nibabel as nib
     import torch
     import torchio as tio
@@ -227,6 +299,8 @@ def _run(
     has_label = label_path is not None
     if has_label:
         label = _load(label_path, "label")
+        if labels is not None and labels != DEFAULT_LABELS:
+            label.set_data(torch.from_numpy(map_labels(label_path, label.data.numpy(), labels, settings.modality)))
         check_same_grid(
             image_path,
             (image.spatial_shape, image.affine),
@@ -393,8 +467,10 @@ def check_cached_files(entry: dict, folder: str | Path, verify: str = "size") ->
     return problems
 
 
-def preprocess_case(case: Case, settings: PreprocessSettings, folder: str | Path) -> dict:
-    """Validate and preprocess one case into a cache folder.
+def preprocess_case(
+    case: Case, settings: PreprocessSettings, folder: str | Path, labels: dict[int, int] | None = None
+) -> dict:
+    """Validate and preprocess one case into a cache folder (its label map mapped by ``labels``).
 
     Writes ``images/<id>.nii`` (float32), ``labels/<id>.nii`` (uint8), ``locations/<id>.npz`` (a sample
     of each label's voxel coordinates, :func:`aqcf.data.patches.class_locations`) and last
@@ -415,7 +491,8 @@ def preprocess_case(case: Case, settings: PreprocessSettings, folder: str | Path
     start = time.perf_counter()
     # Headers first (cheap, clear messages); label values are checked on the voxels loaded below.
     validate_case(case, check_values=False)
-    subject, record = _run(Path(case.image), None if case.label is None else Path(case.label), settings)
+    label = None if case.label is None else Path(case.label)
+    subject, record = _run(Path(case.image), label, settings, labels=labels)
     affine = np.asarray(subject["image"].affine)
     entry = {
         "id": case.id,
@@ -445,11 +522,12 @@ def _fingerprint(path: Path) -> list:
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def cohort_key(cases: Sequence[Case], settings: PreprocessSettings) -> str:
-    """Twelve hex digits identifying the settings, the pipeline version and the exact input files.
+def cohort_key(cases: Sequence[Case], settings: PreprocessSettings, labels: dict[int, int] | None = None) -> str:
+    """Twelve hex digits identifying the settings, the pipeline version, the exact input files and the labels.
 
     The case list enters with each file's absolute path, size and modification time, so replacing or
-    editing a file also gives a new key.
+    editing a file also gives a new key. ``labels`` (the cohort's label convention) enters only when it
+    is not :data:`DEFAULT_LABELS`, so caches made before cohorts declared one keep their keys.
     """
     files = [
         [
@@ -460,7 +538,10 @@ def cohort_key(cases: Sequence[Case], settings: PreprocessSettings) -> str:
         ]
         for c in cases
     ]
-    text = json.dumps({"settings": settings.hash(), "cases": files}, sort_keys=True)
+    identity = {"settings": settings.hash(), "cases": files}
+    if labels is not None and labels != DEFAULT_LABELS:
+        identity["labels"] = [[int(value), int(cls)] for value, cls in sorted(labels.items())]
+    text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -556,6 +637,7 @@ def preprocess_cohort(
     progress: bool = True,
     verify: str = "size",
     skip_bad: bool = False,
+    labels: dict[int, int] | None = None,
 ) -> Manifest:
     """Preprocess a cohort once into ``cache_dir/<name>-<key>/`` and return its manifest.
 
@@ -578,6 +660,8 @@ def preprocess_cohort(
         verify: How a reused cache's files are checked: ``"size"`` (a stat per file) or
             ``"checksum"`` (reads them all).
         skip_bad: Leave broken cases out instead of stopping.
+        labels: The cohort's ``{mask value: class}`` (:func:`label_mapping`), applied to every label map
+            as it is read; ``None``: :data:`DEFAULT_LABELS`. Part of the key unless the default.
 
     Returns:
         The :class:`Manifest`, entries in the order of ``cases`` (less the skipped ones).
@@ -606,7 +690,7 @@ def preprocess_cohort(
         if parent.exists() and not parent.is_dir():
             raise AqcfError(f"{parent}: the cache folder's path holds a file, not a folder")
 
-    key = cohort_key(cases, settings)
+    key = cohort_key(cases, settings, labels)
     folder = Path(cache_dir) / f"{name or settings.modality}-{key}"
     manifest_path = folder / MANIFEST
     records, damaged = _read_records(folder, cases, verify)
@@ -635,7 +719,7 @@ def preprocess_cohort(
             # spawn, not fork: forking a process that has started torch/OpenMP threads can deadlock.
             try:
                 with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-                    futures = {pool.submit(preprocess_case, case, settings, folder): case for case in todo}
+                    futures = {pool.submit(preprocess_case, case, settings, folder, labels): case for case in todo}
                     for future in as_completed(futures):
                         try:
                             entry = future.result()
@@ -651,7 +735,7 @@ def preprocess_cohort(
         else:
             for case in todo:
                 try:
-                    records[case.id] = preprocess_case(case, settings, folder)
+                    records[case.id] = preprocess_case(case, settings, folder, labels)
                 except AqcfError as err:
                     failures[case.id] = str(err)
                 bar.update(1)
@@ -680,6 +764,8 @@ def preprocess_cohort(
         "cases": [records[c.id] for c in cases if c.id in records],
         "skipped": skipped,
     }
+    if labels is not None and labels != DEFAULT_LABELS:
+        manifest["labels"] = {str(value): cls for value, cls in labels.items()}
     write_json_atomic(manifest_path, manifest, indent=1)
     return Manifest.load(folder)
 
