@@ -95,3 +95,27 @@ def test_plot_gates(tmp_path, source):
     path = plot_gates(data, tmp_path / "gates.png", title="λ")
     pixels = mpimg.imread(path)[..., :3]
     assert pixels.std() > 0 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1
+
+
+def test_three_stream_gates_get_a_column_per_direction_and_the_absent_contexts(tmp_path):
+    from aqcf.explain.gates import absent_context_key
+    from aqcf.networks.aqcfnet import AQCFNet
+
+    net = AQCFNet(widths=(2, 2, 4, 4), modalities=("ct", "mri", "t2")).eval()
+    recorder = GateRecorder()
+    with torch.no_grad():
+        net(*(torch.rand(2, 1, 16, 16, 16) for _ in range(3)))
+    recorder.update(net.last_gates)
+    rows = recorder.table()
+    directions = ["mri_to_ct", "ct_to_mri", "ct_to_t2", "mri_to_t2", "t2_to_ct", "t2_to_mri"]
+    assert [(r.stage, r.direction) for r in rows] == [(s, d) for s in (1, 2) for d in directions]
+    assert all(r.n == 2 for r in rows)
+    md, _ = write_gate_table(rows, tmp_path)
+    header = md.read_text().splitlines()[2]
+    assert header.count("|") == 8 and "T2 → CT (λ_t2→ct)" in header and "MRI → CT (λ_mri→ct)" in header
+    plot_gates(rows, tmp_path / "gates.png")
+    # in a unimodal T2 pass both other streams are absent: their directions into T2 are the absent context
+    into_t2 = [k for k in net.last_gates if absent_context_key(k, "t2")]
+    assert sorted(into_t2) == ["stage1/ct_to_t2", "stage1/mri_to_t2", "stage2/ct_to_t2", "stage2/mri_to_t2"]
+    with pytest.raises(AqcfError, match="source"):
+        recorder.update({"stage1/ct": torch.ones(1)})

@@ -43,10 +43,12 @@ __all__ = [
     "plot_gates",
 ]
 
-# Table 6's column order; the first direction lets MRI features into the CT stream.
+# Table 6's column order; the first direction lets MRI features into the CT stream. A network of more
+# streams (named cohorts) adds directions "<source>_to_<target>", ordered after these by name.
 DIRECTIONS = ("mri_to_ct", "ct_to_mri")
 DIRECTION_LABELS = {"mri_to_ct": "MRI → CT (λ_mri→ct)", "ct_to_mri": "CT → MRI (λ_ct→mri)"}
-_KEY = re.compile(r"^stage(\d+)/(mri_to_ct|ct_to_mri)$")
+_KEY = re.compile(r"^stage(\d+)/(([a-z][a-z0-9_]*?)_to_([a-z][a-z0-9_]*))$")
+_COLOURS = ("#d95f02", "#1b9e77", "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
 
 
 class GateRow(NamedTuple):
@@ -73,8 +75,26 @@ def _as_array(value: object) -> np.ndarray:
 def _parse_key(key: str) -> tuple[int, str]:
     match = _KEY.match(str(key))
     if not match:
-        raise AqcfError(f"gate key {key!r} is not 'stage<N>/mri_to_ct' or 'stage<N>/ct_to_mri'")
+        raise AqcfError(f"gate key {key!r} is not 'stage<N>/<source>_to_<target>' (e.g. 'stage1/mri_to_ct')")
     return int(match.group(1)), match.group(2)
+
+
+def _ends(direction: str) -> tuple[str, str]:
+    """``"mri_to_ct"`` -> ``("mri", "ct")``."""
+    source, _, target = direction.partition("_to_")
+    return source, target
+
+
+def _label(direction: str) -> str:
+    if direction in DIRECTION_LABELS:
+        return DIRECTION_LABELS[direction]
+    source, target = _ends(direction)
+    return f"{source.upper()} → {target.upper()} (λ_{source}→{target})"
+
+
+def _directions(keys) -> list[str]:
+    """The directions among ``(stage, direction)`` keys, in Table 6's order."""
+    return sorted({direction for _, direction in keys}, key=lambda d: _order((0, d))[1:])
 
 
 class GateRecorder:
@@ -112,13 +132,16 @@ class GateRecorder:
         return sum(sum(v.size for v in chunks) for chunks in self._values.values())
 
 
-def _order(key: tuple[int, str]) -> tuple[int, int]:
-    return key[0], DIRECTIONS.index(key[1])
+def _order(key: tuple[int, str]) -> tuple[int, int, str]:
+    stage, direction = key
+    return (stage, DIRECTIONS.index(direction), "") if direction in DIRECTIONS else (stage, len(DIRECTIONS), direction)
 
 
 def absent_context_key(key: str, present: str) -> bool:
-    """Whether ``"stage{s}/{direction}"`` is the direction from the absent stream into ``present``."""
-    return _parse_key(key)[1] == ("mri_to_ct" if present == "ct" else "ct_to_mri")
+    """Whether ``"stage{s}/{direction}"`` is a direction from an absent stream into ``present``
+    (in a unimodal pass every other stream is absent)."""
+    source, target = _ends(_parse_key(key)[1])
+    return target == present and source != present
 
 
 def gate_rows(values: Mapping[tuple[int, str], Sequence[float]]) -> list[GateRow]:
@@ -139,14 +162,15 @@ _CONTEXT_COLUMNS = ("absent_context_rms_n", "absent_context_rms_median", "absent
 
 def _stage_table(title: str, by_key: Mapping[tuple[int, str], GateRow], cell) -> list[str]:
     """A Markdown table, one row per encoder stage and one column per direction, ``cell(row)`` in each."""
+    directions = _directions(by_key)
     lines = [
         title,
         "",
-        "| Encoder stage | " + " | ".join(DIRECTION_LABELS[d] for d in DIRECTIONS) + " |",
-        "|---|" + "---|" * len(DIRECTIONS),
+        "| Encoder stage | " + " | ".join(_label(d) for d in directions) + " |",
+        "|---|" + "---|" * len(directions),
     ]
     for stage in sorted({stage for stage, _ in by_key}):
-        cells = ["—" if (stage, d) not in by_key else cell(by_key[(stage, d)]) for d in DIRECTIONS]
+        cells = ["—" if (stage, d) not in by_key else cell(by_key[(stage, d)]) for d in directions]
         lines.append(f"| Stage {stage} | " + " | ".join(cells) + " |")
     return lines
 
@@ -227,14 +251,15 @@ def plot_gates(
     if not keys:
         raise AqcfError(f"{path}: no gate values to plot")
     stages = sorted({stage for stage, _ in keys})
-    width = 0.35
-    colours = {"mri_to_ct": "#d95f02", "ct_to_mri": "#1b9e77"}
+    directions = _directions(keys)
+    width = 0.7 / len(directions)
+    colours = {d: _COLOURS[i % len(_COLOURS)] for i, d in enumerate(directions)}
 
     fig = Figure(figsize=(1.4 * len(stages) + 2.5, 3.6))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for i, direction in enumerate(DIRECTIONS):
-        offset = (i - 0.5) * width
+    for i, direction in enumerate(directions):
+        offset = (i - (len(directions) - 1) / 2) * width
         present = [s for s in stages if (s, direction) in keys]
         if not present:
             continue
@@ -264,7 +289,7 @@ def plot_gates(
                 for s in present
             ]
             artists = ax.bxp(stats, showfliers=False, showcaps=False, **style)
-        artists["boxes"][0].set_label(DIRECTION_LABELS[direction])
+        artists["boxes"][0].set_label(_label(direction))
     ax.set_xticks(stages)
     ax.set_xticklabels([f"Stage {s}" for s in stages])
     ax.set_ylabel("gate value λ")

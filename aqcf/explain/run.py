@@ -207,12 +207,13 @@ def resolve_layers(network, modalities: Sequence[str], layers: Sequence[str]) ->
     return {m: chosen.get(m) or check_layer(network, m, None) for m in modalities}
 
 
-def pair_cases(ct: Sequence, mri: Sequence) -> list[tuple]:
-    """CT-MRI pairs for the gate statistics: the i-th CT case with the i-th MRI case, the shorter list
-    cycled, so every case of both cohorts enters at least once (``max(len(ct), len(mri))`` pairs)."""
-    if not ct or not mri:
+def pair_cases(*cohorts: Sequence) -> list[tuple]:
+    """Case tuples for the gate statistics, one case per stream: the i-th CT case with the i-th MRI
+    case (and the i-th of any further stream), shorter lists cycled, so every case of every cohort
+    enters at least once (as many tuples as the longest list); empty if a cohort has no case."""
+    if not cohorts or not all(cohorts):
         return []
-    return [(ct[i % len(ct)], mri[i % len(mri)]) for i in range(max(len(ct), len(mri)))]
+    return [tuple(c[i % len(c)] for c in cohorts) for i in range(max(len(c) for c in cohorts))]
 
 
 def _figure_ids(cases: Sequence[CaseData], count: int) -> list[str]:
@@ -572,20 +573,21 @@ def _gate_statistics(args, predictor, cases: Mapping, context_rows: Sequence = (
     gates = _Gates({"pairs": 0})
     if context_rows:
         gates.summary["absent_context_rms"] = [row._asdict() for row in context_rows]
-    pairs = pair_cases(cases.get(CT, []), cases.get(MRI, []))
+    streams = tuple(getattr(network, "modalities", MODALITIES))
+    pairs = pair_cases(*(cases.get(m, []) for m in streams))
     if args.no_gates:
         gates.summary["skipped"] = "--no-gates"
     elif not pairs:
-        gates.summary["skipped"] = "the gates need both CT and MRI cases"
+        needed = "both CT and MRI" if streams == MODALITIES else "every stream's (" + ", ".join(streams) + ")"
+        gates.summary["skipped"] = f"the gates need {needed} cases"
     elif not getattr(network, "cross_fusion", True):
         gates.summary["skipped"] = "the network has no cross-fusion blocks"
     else:
         gates.recorder = GateRecorder()
         with torch.no_grad():
-            for ct_case, mri_case in tqdm(pairs, desc="gates", unit="pair", disable=args.no_progress):
-                windows = [extract_window(*c.load(), patch_size, network.divisor)[0] for c in (ct_case, mri_case)]
-                ct_x, mri_x = (torch.from_numpy(np.ascontiguousarray(w))[None, None].to(device) for w in windows)
-                network(ct_x, mri_x)
+            for group in tqdm(pairs, desc="gates", unit="pair", disable=args.no_progress):
+                windows = [extract_window(*c.load(), patch_size, network.divisor)[0] for c in group]
+                network(*(torch.from_numpy(np.ascontiguousarray(w))[None, None].to(device) for w in windows))
                 gates.recorder.update(network.last_gates)
         gates.rows = gates.recorder.table()
         gates.summary.update(pairs=len(pairs), pairing="i-th CT case with i-th MRI case, shorter list cycled",
