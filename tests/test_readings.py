@@ -271,3 +271,7 @@ def test_a_checkpoint_older_than_the_readings_is_rebuilt_as_it_was_trained(tiny_
     assert main(["test", *tiny_fit_args(tiny_phantoms, tmp_path / "test"), "--ckpt_path", str(old),
                  "--trainer.limit_test_batches", "1"]) == 0
     assert (tmp_path / "test" / "test" / "summary.json").is_file()
+    # fine-tuning from it with today's default config builds its network too (a strict load)
+    assert main(["fit", *tiny_fit_args(tiny_phantoms, tmp_path / "tuned", "--init_from", str(old), *ONE_STEP)]) == 0
+    tuned = torch.load(tmp_path / "tuned" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert set(tuned["state_dict"]) == set(checkpoint["state_dict"])

@@ -168,6 +168,8 @@ class AqcfCLI(LightningCLI):
                 )
         self._resume = None
         self._init_from = _check_init_from(self.subcommand, config)
+        if self._init_from is not None:  # a checkpoint older than the reading options: build it as trained
+            _complete_network(config.model, check_checkpoint(self._init_from)["hyper_parameters"].get("network"))
         ckpt = _resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint)
         if ckpt not in (None, "hpc", "registry"):
             checkpoint = check_checkpoint(ckpt, resume=self.subcommand == "fit")
