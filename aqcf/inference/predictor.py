@@ -145,6 +145,33 @@ def _autocast(predictor: Callable, device_type: str, dtype: torch.dtype) -> Call
     return cast
 
 
+def _window_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (None for float32); float16 only on CUDA."""
+    if precision not in PRECISIONS:
+        raise AqcfError(f"precision {precision!r}: need one of {tuple(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        raise AqcfError("precision '16' needs a CUDA device; use 'bf16' or '32' on the CPU")
+    return dtype
+
+
+def _stitched(image: Tensor, predictor, window: WindowSettings, device: torch.device) -> Tensor:
+    """MONAI's sliding window over ``image``: windows on ``device``, stitched where ``window`` says."""
+    from monai.inferers import sliding_window_inference
+
+    stitch = torch.device("cpu") if window.stitch_on_cpu else device
+    return sliding_window_inference(
+        image.to(stitch),
+        roi_size=window.roi_size,
+        sw_batch_size=window.batch_size,
+        predictor=predictor,
+        overlap=window.overlap,
+        mode=window.mode,
+        sw_device=device,
+        device=stitch,
+    )
+
+
 def sliding_window_logits(
     network: nn.Module,
     image: Tensor,
@@ -169,31 +196,15 @@ def sliding_window_logits(
     Returns:
         float32 logits (B, C, X, Y, Z), on the CPU when ``window.stitch_on_cpu`` else on ``device``.
     """
-    from monai.inferers import sliding_window_inference
-
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise AqcfError(f"precision {precision!r}: need one of {tuple(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise AqcfError("precision '16' needs a CUDA device; use 'bf16' or '32' on the CPU")
+    dtype = _window_dtype(precision, device)
     # any stream name: the network refuses one it does not serve
     predictor = functools.partial(network.forward_single, modality=check_name(modality))
     if dtype is not None:
         predictor = _autocast(predictor, device.type, dtype)
     if tta:
         predictor = flip_averaged(predictor)
-    stitch = torch.device("cpu") if window.stitch_on_cpu else device
-    return sliding_window_inference(
-        image.to(stitch),
-        roi_size=window.roi_size,
-        sw_batch_size=window.batch_size,
-        predictor=predictor,
-        overlap=window.overlap,
-        mode=window.mode,
-        sw_device=device,
-        device=stitch,
-    )
+    return _stitched(image, predictor, window, device)
 
 
 def sliding_window_present(
@@ -222,14 +233,8 @@ def sliding_window_present(
         ``{stream: float32 (B, C, X, Y, Z)}`` for ``outputs`` in that order, on the CPU when
         ``window.stitch_on_cpu`` else on ``device``.
     """
-    from monai.inferers import sliding_window_inference
-
     device = torch.device(device)
-    if precision not in PRECISIONS:
-        raise AqcfError(f"precision {precision!r}: need one of {tuple(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype == torch.float16 and device.type != "cuda":
-        raise AqcfError("precision '16' needs a CUDA device; use 'bf16' or '32' on the CPU")
+    dtype = _window_dtype(precision, device)
     names = [check_name(m) for m in images]
     outputs = [check_name(m) for m in outputs]
     channels = [int(images[m].shape[1]) for m in images]
@@ -240,17 +245,7 @@ def sliding_window_present(
         return torch.cat([logits[m] for m in outputs], dim=1)
 
     predictor = _autocast(present, device.type, dtype) if dtype is not None else present
-    stitch = torch.device("cpu") if window.stitch_on_cpu else device
-    stacked = sliding_window_inference(
-        torch.cat(list(images.values()), dim=1).to(stitch),
-        roi_size=window.roi_size,
-        sw_batch_size=window.batch_size,
-        predictor=predictor,
-        overlap=window.overlap,
-        mode=window.mode,
-        sw_device=device,
-        device=stitch,
-    )
+    stacked = _stitched(torch.cat(list(images.values()), dim=1), predictor, window, device)
     return dict(zip(outputs, torch.chunk(stacked, len(outputs), dim=1), strict=True))
 
 
