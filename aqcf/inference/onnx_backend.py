@@ -77,12 +77,8 @@ def onnx_predictor(
         raise AqcfError(message) from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise AqcfError(f"{settings_file}: not a settings file of `aqcf export` ({err!r})") from err
-    window = WindowSettings(
-        roi_size=tuple(roi_size) if roi_size is not None else tuple(stored["roi_size"]),
-        overlap=stored["overlap"] if overlap is None else overlap,
-        batch_size=stored["batch_size"] if batch_size is None else batch_size,
-        mode=stored["mode"] if mode is None else mode,
-        stitch_on_cpu=stitch_on_cpu,
+    window = WindowSettings(stored["roi_size"], stored["overlap"], stored["batch_size"], stored["mode"]).overridden(
+        roi_size=roi_size, overlap=overlap, batch_size=batch_size, mode=mode, stitch_on_cpu=stitch_on_cpu
     )
     network = OnnxNetwork(onnx_window_predictor(path), modality, classes, divisor)
     return Predictor(network, {modality: preprocessing}, window, device="cpu", tta=tta, source=str(path))

@@ -88,6 +88,10 @@ class WindowSettings:
         if self.mode not in BLEND_MODES:
             raise AqcfError(f"blend mode {self.mode!r}: need one of {BLEND_MODES}")
 
+    def overridden(self, **changes) -> WindowSettings:
+        """These settings with the ``changes`` that are not ``None`` (an option left out keeps its value)."""
+        return replace(self, **{name: value for name, value in changes.items() if value is not None})
+
 
 @dataclass
 class Segmentation:
@@ -407,13 +411,9 @@ class Predictor:
             raise AqcfError(f"{path}: unreadable data module settings ({_first_line(err)})") from err
         trained = [m for m in served if m in cohorts]
         preprocessing = {m: preprocess_settings_from_hparams(data_hparams, m) for m in trained}
-        window = WindowSettings(
-            roi_size=tuple(roi_size) if roi_size is not None else module.patch_size,
-            overlap=module.sw_overlap if overlap is None else overlap,
-            batch_size=module.sw_batch_size if batch_size is None else batch_size,
-            mode=module.sw_mode if mode is None else mode,
-            stitch_on_cpu=stitch_on_cpu,
-        )
+        stored = WindowSettings(module.patch_size, module.sw_overlap, module.sw_batch_size, module.sw_mode)
+        window = stored.overridden(roi_size=roi_size, overlap=overlap, batch_size=batch_size, mode=mode,
+                                   stitch_on_cpu=stitch_on_cpu)
         return cls(module.network, preprocessing, window, device, precision, tta, source=str(path))
 
     def check_modality(self, modality: str) -> str:
