@@ -14,6 +14,7 @@ import torch
 from aqcf.cli import main
 from aqcf.networks.aqcfnet import PAPER_WIDTHS, READINGS, AQCFNet, count_parameters
 from aqcf.networks.summary import main as summary_main
+from aqcf.nn.fusion import CrossModalTransfer
 from aqcf.nn.quaternion import quaternion_cat
 from tests.conftest import REPO, tiny_fit_args
 
@@ -263,7 +264,7 @@ def test_a_checkpoint_older_than_the_readings_is_rebuilt_as_it_was_trained(tiny_
     trained = {k.removeprefix("network."): v for k, v in checkpoint["state_dict"].items() if k.startswith("network.")}
 
     network = Predictor.from_checkpoint(old).network  # segment, explain, export
-    assert not isinstance(network.fusion[0].direction("mri_to_ct"), type(None))
+    assert isinstance(network.fusion[0].direction("mri_to_ct"), CrossModalTransfer)
     assert network.fusion[0].direction("mri_to_ct") is not network.fusion[0].direction("ct_to_mri")
     assert all(torch.equal(network.state_dict()[k], v) for k, v in trained.items())
     assert set(network.state_dict()) == set(trained)

@@ -169,7 +169,7 @@ class AqcfCLI(LightningCLI):
         self._resume = None
         self._init_from = _check_init_from(self.subcommand, config)
         if self._init_from is not None:  # a checkpoint older than the reading options: build it as trained
-            _complete_network(config.model, check_checkpoint(self._init_from)["hyper_parameters"].get("network"))
+            _complete_network(config.model, self._init_from[1]["hyper_parameters"].get("network"))
         ckpt = _resolve_ckpt_path(config.get("ckpt_path"), config.checkpoint)
         if ckpt not in (None, "hpc", "registry"):
             checkpoint = check_checkpoint(ckpt, resume=self.subcommand == "fit")
@@ -199,7 +199,7 @@ class AqcfCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         if getattr(self, "_init_from", None) is not None:
-            _load_weights(self.model, self._init_from)
+            _load_weights(self.model, *self._init_from)
 
     def instantiate_trainer(self, **kwargs):
         trainer = super().instantiate_trainer(**kwargs)
@@ -219,8 +219,12 @@ def _complete_network(model_config, trained_network) -> None:
         network.init_args[key] = completed["init_args"][key]
 
 
-def _check_init_from(subcommand: str | None, config) -> str | None:
-    """``--init_from``: for ``fit`` only, not with ``--ckpt_path``, and an aqcf checkpoint."""
+def _check_init_from(subcommand: str | None, config) -> tuple[str, dict] | None:
+    """``--init_from``: for ``fit`` only, not with ``--ckpt_path``, and an aqcf checkpoint.
+
+    Returns:
+        ``(path, checkpoint)`` (read once, memory-mapped), or None without ``--init_from``.
+    """
     path = config.get("init_from")
     if path is None:
         return None
@@ -230,13 +234,12 @@ def _check_init_from(subcommand: str | None, config) -> str | None:
         raise AqcfError(
             "--init_from starts a fresh run from a checkpoint's weights and --ckpt_path resumes a run: give one of them"
         )
-    check_checkpoint(path)
-    return str(path)
+    return str(path), check_checkpoint(path)
 
 
-def _load_weights(model, path: str) -> None:
-    """Load a checkpoint's ``state_dict`` into ``model`` (strict); its optimizer and counters are not read."""
-    state = check_checkpoint(path)["state_dict"]
+def _load_weights(model, path: str, checkpoint: dict) -> None:
+    """Load ``checkpoint``'s ``state_dict`` into ``model`` (strict); its optimizer and counters are not read."""
+    state = checkpoint["state_dict"]
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
