@@ -415,27 +415,22 @@ class AQCFNet(nn.Module):
         return {m: named[m] for m in self.modalities if m in named}
 
     def _encode(
-        self, *args: Tensor | str | tuple[str, ...] | None
+        self, images: Mapping[str, Tensor], absent: tuple[str, ...] = ()
     ) -> tuple[dict[str, Tensor], dict[str, list[Tensor]]]:
         """Stems, encoder stages and A-QCF blocks; sets ``last_gates`` and ``last_context_rms``.
 
         Args:
-            *args: one checked image per stream in ``modalities`` order, then optionally ``absent``:
-                a stream name or a tuple of names whose context into every other stream is switched
-                off (``λ = 0``), ``None`` for none. For the default pair this is the two-stream
-                signature ``_encode(ct, mri, absent)`` (which tests spy on).
+            images: one checked image per stream of ``modalities``.
+            absent: streams whose context into every other stream is switched off (``λ = 0``).
 
         Returns:
             the deepest features per modality and the skips (shallow to deep, one per decoder stage).
         """
         n = len(self.modalities)
-        images = dict(zip(self.modalities, args[:n], strict=True))
-        absent = args[n] if len(args) > n else None
         features = {m: self.stems[m](images[m]) for m in self.modalities}
         levels: dict[str, list[Tensor]] = {m: [features[m]] for m in self.modalities}
         gates: dict[str, Tensor] = {}
         context_rms: dict[str, Tensor] = {}
-        n = len(self.modalities)
         for s in range(self.num_stages):
             features = {m: self.encoders[m][s](features[m]) for m in self.modalities}
             if self.fusion is not None:
@@ -485,7 +480,7 @@ class AQCFNet(nn.Module):
         missing = [m for m in self.modalities if m not in named]
         if missing:
             raise AqcfError(f"no input for stream(s) {missing}: forward_present zero-fills absent streams")
-        deepest, skips = self._encode(*named.values())
+        deepest, skips = self._encode(named)
         return {m: self._decode(m, deepest[m], skips[m]) for m in self.modalities}
 
     def forward_present(
@@ -519,9 +514,7 @@ class AQCFNet(nn.Module):
         like = next(iter(present.values()))
         full = {m: present[m] if m in present else torch.zeros_like(like) for m in self.modalities}
         off = tuple(m for m in self.modalities if m not in present) if mode == CONTEXT_OFF else ()
-        # one absent stream is named as the two-stream network always named it
-        absent = None if not off else off[0] if len(off) == 1 else off
-        deepest, skips = self._encode(*full.values(), absent)
+        deepest, skips = self._encode(full, off)
         return {m: self._decode(m, deepest[m], skips[m]) for m in wanted}
 
     def forward_single(self, x: Tensor, modality: str, absent_context: str | None = None) -> Tensor:
