@@ -33,7 +33,7 @@ DEMO_OUTPUTS = ("phantoms", "cache", "run", "report.md", "curves.png")
 
 
 def _parser() -> argparse.ArgumentParser:
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     parser = ArgumentParser(prog="aqcf demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

@@ -322,7 +322,7 @@ def _parse_prediction(text: str) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf figures curves|qualitative ...``."""
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     parser = ArgumentParser(prog="aqcf figures", description="Draw the paper's figures as PNG files.")
     sub = parser.add_subparsers(dest="figure", required=True, metavar="{curves,qualitative}")

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, first_line
 
 __all__ = [
     "LABEL_VALUES",
@@ -131,11 +131,6 @@ class CaseErrors(AqcfError):
         """Raise ``CaseErrors(problems, total, what)`` unless ``problems`` is empty."""
         if problems:
             raise cls(problems, total, what)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0].strip() if text else type(err).__name__
 
 
 def is_nifti(path: str | Path) -> bool:
@@ -244,7 +239,7 @@ def _nibabel_image(path: Path):
     try:
         return nib.load(os.fspath(path))
     except Exception as err:  # nibabel raises many types for a file that is not NIfTI
-        raise AqcfError(f"{path}: unreadable image ({type(err).__name__}: {_first_line(err)})") from err
+        raise AqcfError(f"{path}: unreadable image ({type(err).__name__}: {first_line(err)})") from err
 
 
 def _other_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
@@ -264,7 +259,7 @@ def _other_header(path: Path) -> tuple[tuple[int, ...], np.ndarray]:
             return shape + ((components,) if components > 1 else ()), np.eye(4)
         return shape, get_ras_affine_from_sitk(reader)
     except Exception as err:  # ITK raises RuntimeError, TorchIO others, for a file it cannot read
-        raise AqcfError(f"{path}: unreadable image ({type(err).__name__}: {_first_line(err)})") from err
+        raise AqcfError(f"{path}: unreadable image ({type(err).__name__}: {first_line(err)})") from err
 
 
 def read_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -312,7 +307,7 @@ def _read_nifti(path: Path):
                 while stream.read(1 << 20):
                     pass
     except _READ_ERRORS as err:
-        raise AqcfError(f"{path}: truncated or damaged file, not readable to its end ({_first_line(err)})") from err
+        raise AqcfError(f"{path}: truncated or damaged file, not readable to its end ({first_line(err)})") from err
     return image, voxels
 
 
@@ -324,7 +319,7 @@ def _read_other(path: Path):
         image = tio.ScalarImage(path)
         image.load()
     except Exception as err:  # ITK raises RuntimeError, TorchIO others, for a file it cannot read
-        raise AqcfError(f"{path}: unreadable image ({type(err).__name__}: {_first_line(err)})") from err
+        raise AqcfError(f"{path}: unreadable image ({type(err).__name__}: {first_line(err)})") from err
     return np.asarray(image.affine, dtype=float), np.moveaxis(image.numpy(), 0, -1)
 
 

@@ -154,7 +154,7 @@ def export_nnunet(
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf export-nnunet ROOT --format F --modality M --id N --name NAME --out DIR [--splits FILE] [--copy]``."""
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     parser = ArgumentParser(
         prog="aqcf export-nnunet",

@@ -1013,7 +1013,7 @@ def _add_field_flag(p, prefix: str, cfg: PhantomConfig, field_name: str, flag: _
 
 
 def _parser():
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     configs = {prefix: make() for prefix, make in COHORTS}
     p = ArgumentParser(

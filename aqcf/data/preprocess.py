@@ -45,7 +45,6 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.cli import ArgumentParser
 from aqcf.constants import CLASS_NAMES, CT, MRI, check_name
 from aqcf.data import gate
 from aqcf.data.cohorts import (
@@ -56,7 +55,7 @@ from aqcf.data.cohorts import (
     read_cohort,
     validate_case,
 )
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, ArgumentParser
 from aqcf.io import save_nifti_atomic, write_json_atomic
 
 __all__ = [

@@ -451,7 +451,7 @@ def format_summary(summary: Mapping) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf evaluate --pred DIR --ref DIR --out DIR [--modality ct|mri] [--ref-format ...]``."""
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     parser = ArgumentParser(
         prog="aqcf evaluate",

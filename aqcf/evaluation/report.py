@@ -494,7 +494,7 @@ REPORT_FILES = ("report.md", "table_*.csv", "significance.csv", "ablation.csv", 
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf report RUN_DIR... --out DIR [--baseline NAME] [--metric dice ...]``."""
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     parser = ArgumentParser(
         prog="aqcf report",

@@ -289,7 +289,7 @@ def write_reader_table(study: ReaderStudy, out_dir: str | os.PathLike) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     """``aqcf reader-stats scores.csv [--out DIR] [--alpha 0.05] [--scale 1 10]``."""
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     parser = ArgumentParser(
         prog="aqcf reader-stats",

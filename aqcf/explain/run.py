@@ -292,7 +292,7 @@ def _check_out(out: Path, overwrite: bool, inputs=()) -> None:
 
 # -------------------------------------------------------------------------------------------------- run
 def _parser():
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
     from aqcf.explain.features import SUMMARIES
     from aqcf.explain.saliency import METHODS, SCORE_REGIONS
     from aqcf.inference.predictor import DEVICES

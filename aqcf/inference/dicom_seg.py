@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, first_line
 
 __all__ = ["SEGMENTS", "require_highdicom", "segment_frames", "write_dicom_seg"]
 
@@ -120,8 +120,7 @@ def write_dicom_seg(path: str | Path, labels: np.ndarray, source_slices: Sequenc
             omit_empty_frames=False,
         )
     except Exception as err:  # highdicom raises several types for source slices it cannot reference
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AqcfError(f"{path}: cannot build a DICOM Segmentation of this series ({first_line})") from err
+        raise AqcfError(f"{path}: cannot build a DICOM Segmentation of this series ({first_line(err)})") from err
     with atomic_path(path, suffix=".dcm") as tmp:
         seg.save_as(tmp)
     return Path(path)

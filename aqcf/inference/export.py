@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from aqcf.constants import CLASS_NAMES, check_modality
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, first_line
 from aqcf.io import atomic_path, check_output, write_text_atomic
 
 __all__ = [
@@ -382,8 +382,7 @@ def onnx_window_predictor(
     try:
         session = onnxruntime.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except Exception as err:  # onnxruntime raises its own exception types for unreadable models
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AqcfError(f"{path}: not a loadable ONNX model ({first})") from err
+        raise AqcfError(f"{path}: not a loadable ONNX model ({first_line(err)})") from err
     input_name = session.get_inputs()[0].name
 
     def predict(image: Tensor) -> Tensor:
@@ -395,7 +394,7 @@ def onnx_window_predictor(
 
 
 def _parser():
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     p = ArgumentParser(
         prog="aqcf export",

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from aqcf.constants import MODALITIES, check_name
 from aqcf.data.preprocess import PreprocessSettings, preprocess_image, restore_to_original
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, first_line
 
 __all__ = [
     "DEVICES",
@@ -312,11 +312,6 @@ def load_checkpoint_info(path: str | Path) -> dict:
     }
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 class Predictor:
     """A network with the preprocessing and sliding-window settings it was trained and validated with.
 
@@ -401,14 +396,14 @@ class Predictor:
             network = complete_network_config(info["hyper_parameters"].get("network"))
             module = SegmentationModule.load_from_checkpoint(path, map_location="cpu", network=network)
         except Exception as err:  # a foreign or damaged checkpoint fails in many ways
-            raise AqcfError(f"{path}: cannot rebuild the model from this checkpoint ({_first_line(err)})") from err
+            raise AqcfError(f"{path}: cannot rebuild the model from this checkpoint ({first_line(err)})") from err
         served = tuple(getattr(module, "modalities", MODALITIES))
         # a modality trained on: served by the network and given a cohort (data.cohorts, or the ct_*/mri_*
         # fields of older checkpoints: a unimodal run sets the other root null)
         try:
             cohorts = {c.name for c in cohorts_from_hparams(data_hparams)}
         except (AqcfError, KeyError) as err:
-            raise AqcfError(f"{path}: unreadable data module settings ({_first_line(err)})") from err
+            raise AqcfError(f"{path}: unreadable data module settings ({first_line(err)})") from err
         trained = [m for m in served if m in cohorts]
         preprocessing = {m: preprocess_settings_from_hparams(data_hparams, m) for m in trained}
         stored = WindowSettings(module.patch_size, module.sw_overlap, module.sw_batch_size, module.sw_mode)

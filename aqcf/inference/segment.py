@@ -45,7 +45,7 @@ import nibabel as nib
 import numpy as np
 
 from aqcf.constants import MODALITIES
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, first_line
 from aqcf.inference.postprocess import POSTPROCESSING
 from aqcf.io import check_output, child_path, safe_name, save_nifti_atomic
 
@@ -284,7 +284,7 @@ def _opened(scan: Scan) -> Iterator[tuple[Path, nib.spatialimages.SpatialImage, 
         try:
             image = nib.load(os.fspath(scan.source))
         except Exception as err:  # nibabel raises many types for a damaged file
-            raise AqcfError(f"{scan.source}: unreadable NIfTI file ({str(err).strip().splitlines()[0]})") from err
+            raise AqcfError(f"{scan.source}: unreadable NIfTI file ({first_line(err)})") from err
         yield scan.source, image, None
         return
     from aqcf.inference.dicom import dicom_series_to_nifti, read_series_slices
@@ -508,7 +508,7 @@ def segment_patient(
 
 
 def _parser() -> argparse.ArgumentParser:
-    from aqcf.cli import ArgumentParser
+    from aqcf.errors import ArgumentParser
 
     p = ArgumentParser(
         prog="aqcf segment",

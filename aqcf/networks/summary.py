@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from aqcf.cli import ArgumentParser
 from aqcf.constants import MODALITIES
+from aqcf.errors import ArgumentParser
 from aqcf.networks.aqcfnet import (
     BOTTLENECKS,
     DEFAULT_READING,

@@ -25,7 +25,7 @@ from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, first_line
 from aqcf.io import remove_stale_temporaries, write_bytes_atomic
 
 __all__ = [
@@ -37,11 +37,6 @@ __all__ = [
 ]
 
 CHECKPOINT_PATTERN = "*.ckpt"
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_checkpoint(path: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -73,7 +68,7 @@ def check_checkpoint(path: str | Path, resume: bool = False) -> dict[str, Any]:
         # the project's own pickles (hyper-parameters hold config objects), hence weights_only=False
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as err:  # torch and pickle raise many types for a damaged archive
-        reason = _first_line(err)
+        reason = first_line(err)
         raise AqcfError(f"{path}: truncated or corrupt checkpoint (not a readable checkpoint: {reason})") from None
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
     state = checkpoint.get("state_dict") if isinstance(checkpoint, Mapping) else None

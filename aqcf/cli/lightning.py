@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from aqcf.data.datamodule import UnpairedDataModule
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, one_line
 from aqcf.evaluation.evaluate import METRICS_FILE, SUMMARY_FILE
 from aqcf.inference.writer import PREDICTIONS_DIR, PredictionMaskWriter
 from aqcf.io import check_output, safe_name
@@ -76,7 +76,7 @@ class _Parser(LightningArgumentParser):
     """Bad arguments end with one line, ``aqcf: error: ...``, and exit code 2."""
 
     def error(self, message: str, *args, **kwargs):  # noqa: D401 - argparse's signature
-        first = " ".join(line.strip() for line in str(message).strip().splitlines()[:3])
+        first = one_line("\n".join(str(message).strip().splitlines()[:3]))
         print(f"aqcf: error: {first}  (see `{self.prog} --help`)", file=sys.stderr)
         sys.exit(2)
 

@@ -1,13 +1,13 @@
 """The ``aqcf`` program.
 
-``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI (:mod:`aqcf.training.cli`); every
+``fit``, ``validate``, ``test`` and ``predict`` go to LightningCLI (:mod:`aqcf.cli.lightning`); every
 other verb is an ordinary subcommand whose module exposes ``main(argv) -> int`` and is imported only
 when called, so ``aqcf --help`` stays fast.
 
 One error contract for every verb: a bad flag or value, a missing or unreadable input, an output that
 may not be written end with a single line ``aqcf: error: <file or flag>: <what is wrong>`` on stderr and
-exit status 2, never a traceback. Argument errors come from the verbs' parsers (:class:`ArgumentParser`
-here, its LightningCLI twin in :mod:`aqcf.training.cli`), which exit with status 2 themselves; the rest
+exit status 2, never a traceback. Argument errors come from the verbs' parsers (:class:`aqcf.errors.ArgumentParser`,
+its LightningCLI twin in :mod:`aqcf.cli.lightning`), which exit with status 2 themselves; the rest
 are exceptions that :func:`main` turns into that line:
 
 * :class:`~aqcf.errors.AqcfError`: the user's input is wrong; its message is the line.
@@ -19,12 +19,10 @@ are exceptions that :func:`main` turns into that line:
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import os
 import sys
 
-from aqcf.errors import AqcfError
+from aqcf.errors import AqcfError, ArgumentParser, one_line, os_error_line
 
 __all__ = ["main", "VERBS", "LIGHTNING_VERBS", "ArgumentParser", "os_error_line"]
 
@@ -45,32 +43,6 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("aqcf.inference.export:main", "a checkpoint's unimodal network as ONNX or TorchScript + its settings"),
     "explain": ("aqcf.explain.run:main", "Grad-CAM(++) tumor saliency + localisation scores, feature maps, gate table"),
 }
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """The verbs' argument parser: a bad argument ends with one line, ``aqcf: error: ...``, and exit code 2.
-
-    Sub-parsers (``aqcf figures curves``) are of this class too (argparse makes them of the parent's).
-    """
-
-    def error(self, message: str):  # noqa: D401 - argparse's signature
-        first = " ".join(line.strip() for line in str(message).strip().splitlines())
-        print(f"aqcf: error: {first} (see `{self.prog} --help`)", file=sys.stderr)
-        sys.exit(2)
-
-
-def os_error_line(err: OSError) -> str:
-    """The one-line message of an ``OSError``: the file it names and the system's reason."""
-    reason = err.strerror or str(err) or type(err).__name__
-    if isinstance(err, FileNotFoundError):
-        reason = "no such file or directory"
-    elif isinstance(err, NotADirectoryError | FileExistsError) and err.filename is not None:
-        # mkdir where a file is, or a path through a file
-        reason = f"{reason} (a file stands where a folder is needed)"
-    if err.filename is None:
-        return reason
-    names = [os.fsdecode(err.filename)] + ([os.fsdecode(err.filename2)] if err.filename2 is not None else [])
-    return f"{' -> '.join(names)}: {reason}"
 
 
 def _usage() -> str:
@@ -99,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     verb, rest = argv[0], argv[1:]
     try:
         if verb in LIGHTNING_VERBS:
-            return _run_verb("aqcf.training.cli:run_lightning", [verb, *rest])
+            return _run_verb("aqcf.cli.lightning:run_lightning", [verb, *rest])
         if verb in VERBS:
             return _run_verb(VERBS[verb][0], rest)
         print(f"aqcf: error: unknown verb {verb!r} (see `aqcf --help` for the verbs)", file=sys.stderr)
         return 2
     except AqcfError as err:
-        print(f"aqcf: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"aqcf: error: {one_line(err)}", file=sys.stderr)
         return 2
     except OSError as err:
         print(f"aqcf: error: {os_error_line(err)}", file=sys.stderr)
