@@ -1,4 +1,4 @@
-"""Output files: atomic writes, and the one output policy of every verb that writes.
+"""Output files: atomic writes, NIfTI names and headers, and the one output policy of every verb that writes.
 
 Atomic writes go to a temporary file in the destination's folder, renamed into place when complete: a
 killed process therefore leaves either the previous file or the new one, never half of one (plus, after
@@ -30,6 +30,11 @@ __all__ = [
     "write_text_atomic",
     "write_json_atomic",
     "save_nifti_atomic",
+    "NIFTI_SUFFIXES",
+    "is_nifti_name",
+    "nifti_stem",
+    "nifti_suffix",
+    "nifti_image",
     "OUTPUT_KINDS",
     "check_output",
     "safe_name",
@@ -99,6 +104,42 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 2) -> Path:
     """Write ``data`` as JSON to ``path`` atomically; returns the path."""
     return write_text_atomic(path, json.dumps(data, indent=indent) + "\n")
+
+
+#: the file endings of NIfTI-1 images, longest first so ``.nii.gz`` is matched before ``.nii``
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti_name(path: str | os.PathLike) -> bool:
+    """True when ``path``'s name ends in ``.nii`` or ``.nii.gz`` (any case)."""
+    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def nifti_suffix(path: str | os.PathLike) -> str:
+    """``".nii.gz"`` or ``".nii"`` as ``path``'s name ends (in its own case), else ``""``."""
+    name = Path(path).name
+    return next((name[len(name) - len(s) :] for s in NIFTI_SUFFIXES if name.lower().endswith(s)), "")
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """``path``'s name less ``.nii.gz`` / ``.nii`` (``a/volume-3.nii.gz`` -> ``volume-3``); other names whole."""
+    name = Path(path).name
+    return name[: len(name) - len(nifti_suffix(name))]
+
+
+def nifti_image(array, affine):
+    """A NIfTI-1 image of ``array`` on ``affine`` as every writer here stores it.
+
+    The qform and sform both hold ``affine`` with code 1 (scanner coordinates) and the units are mm,
+    so nibabel, ITK and 3D Slicer all read the same geometry back.
+    """
+    import nibabel as nib
+
+    image = nib.Nifti1Image(array, affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    return image
 
 
 def save_nifti_atomic(image, path: str | os.PathLike) -> Path:
