@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from aqcf.cli import main as aqcf_main
-from aqcf.figures import aggregate_runs, read_metrics_csv
+from aqcf.visualize.curves import aggregate_runs, read_metrics_csv
 
 HEADER = ["epoch", "step", "train/loss", "train/dice_mean", "val/loss", "val/dice_mean", "val/dice_ct_tumor"]
 

@@ -34,7 +34,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "demo": ("aqcf.demo:main", "phantom cohorts -> joint training -> held-out test -> report (make demo)"),
     "synth": ("aqcf.data.phantoms:main", "write phantom CT (LiTS layout) and MRI (ATLAS layout) cohorts"),
     "preprocess": ("aqcf.data.preprocess:main", "preprocess a cohort into the cache folder"),
-    "figures": ("aqcf.figures:main", "draw the paper's figures (training curves, qualitative overlays)"),
+    "figures": ("aqcf.visualize.figures:main", "draw the paper's figures (training curves, qualitative overlays)"),
     "reader-stats": ("aqcf.explain.reader_stats:main", "reader study table: scores, ICC(2,1), Cohen's kappa"),
     "evaluate": ("aqcf.evaluation.evaluate:main", "Dice, HD95, MSD of predicted masks against references"),
     "report": ("aqcf.evaluation.report:main", "cross-validation tables, Wilcoxon tests, ablation view"),

@@ -1,7 +1,6 @@
 """Label overlays on axial slices: the pictures of the validation log, the demo report and Figures 5/6.
 
-Everything here draws with matplotlib's object API on an Agg canvas (no ``pyplot``, no screen, no
-global backend switch), so it is safe inside training processes and on headless machines.
+Figures come from :func:`aqcf.visualize.canvas.new_figure` (an Agg canvas, no ``pyplot``).
 
 Display convention (radiological): an axial slice is shown as seen from the patient's feet, with the
 patient's right on the viewer's left and anterior at the top. Volumes are indexed ``(x, y, z)`` as
@@ -18,13 +17,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from aqcf.constants import FOREGROUND_CLASSES
 from aqcf.errors import AqcfError
-from aqcf.io import atomic_path
+from aqcf.visualize.canvas import DPI, new_figure, save_figure
 
 __all__ = [
     "LIVER_RGB",
@@ -35,8 +33,6 @@ __all__ = [
     "pick_slices",
     "overlay_grid",
     "save_overlay_png",
-    "save_figure",
-    "figure_to_rgb",
 ]
 
 LIVER_RGB = (1.0, 0.0, 0.0)
@@ -47,7 +43,6 @@ LABEL_COLOURS = {FOREGROUND_CLASSES["liver"]: LIVER_RGB, FOREGROUND_CLASSES["tum
 # otherwise compress the soft tissue to a narrow band of greys.
 WINDOW_PERCENTILES = (1.0, 99.0)
 PANEL_INCHES = 2.2
-DPI = 100
 
 
 def robust_window(
@@ -235,8 +230,7 @@ def overlay_grid(
     n_rows, n_cols = len(slices), len(columns)
     pixel_aspect = 1.0 if spacing is None else float(spacing[1]) / float(spacing[0])
     height_ratio = image.shape[1] * pixel_aspect / image.shape[0]
-    fig = Figure(figsize=(PANEL_INCHES * n_cols, PANEL_INCHES * height_ratio * n_rows + 0.6), dpi=DPI)
-    FigureCanvasAgg(fig)
+    fig = new_figure((PANEL_INCHES * n_cols, PANEL_INCHES * height_ratio * n_rows + 0.6), dpi=DPI)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for row, z in enumerate(slices):
         for col, (name, volume) in enumerate(columns.items()):
@@ -255,30 +249,6 @@ def overlay_grid(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0.04, 1, 0.95 if title else 1))
     return fig
-
-
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = DPI) -> Path:
-    """Write ``fig`` as a PNG atomically (a temporary file in the same folder, then ``os.replace``).
-
-    Args:
-        fig: the figure.
-        path: destination ``.png``; missing parent folders are created.
-        dpi: resolution.
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return path
-
-
-def figure_to_rgb(fig: Figure) -> np.ndarray:
-    """Render ``fig`` to an (H, W, 3) uint8 array (for loggers that take images, e.g. ``wandb.Image``)."""
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def save_overlay_png(
