@@ -128,7 +128,7 @@ def test_evaluate_case_rejects_bad_input():
         evaluate_case(np.zeros((4, 4, 5), dtype=np.uint8), ref, (1, 1, 1))
     bad = ref.copy()
     bad[0, 0, 0] = 3
-    with pytest.raises(AqcfError, match=r"\[3\]"):
+    with pytest.raises(AqcfError, match=r"case 'x' prediction: label values \{3\} outside \{0, 1, 2\}"):
         evaluate_case(bad, ref, (1, 1, 1), case="x")
 
 

@@ -14,9 +14,10 @@ Three layouts are understood (``docs/data.md`` shows each tree):
 
 Readers only look at file names. :func:`validate_case` opens the files and checks what training
 relies on (readable to the end, one 3D volume, a valid affine, finite voxels, image and label on the
-same voxel grid, label values in {0, 1, 2}) through the input gate, :mod:`aqcf.data.gate`, which
-also defines :func:`check_label_values` and :func:`check_same_grid` (re-exported here); preprocessing
-runs it once per case, so it is not repeated at every read.
+same voxel grid, label values in {0, 1, 2}) through the input gate, :mod:`aqcf.data.gate`;
+preprocessing runs it once per case, so it is not repeated at every read. The gate's
+:func:`~aqcf.data.gate.check_same_grid` and the label check of :mod:`aqcf.constants`
+(:func:`~aqcf.constants.check_label_values`) are re-exported here.
 
 Every problem raises :class:`~aqcf.errors.AqcfError` with a one-line message naming the file.
 """
@@ -32,15 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.constants import CT, MRI, check_modality, check_name
+from aqcf.constants import CT, MRI, check_label_values, check_modality, check_name
 from aqcf.data import gate
-from aqcf.data.gate import AFFINE_TOLERANCE_MM, LABEL_VALUES, check_label_values, check_same_grid
+from aqcf.data.gate import AFFINE_TOLERANCE_MM, SAME_GRID_TOLERANCE_MM, check_same_grid
 from aqcf.errors import AqcfError
 
 __all__ = [
     "Case",
-    "LABEL_VALUES",
-    "AFFINE_TOLERANCE_MM",
+    "SAME_GRID_TOLERANCE_MM",
+    "AFFINE_TOLERANCE_MM",  # the deprecated name of SAME_GRID_TOLERANCE_MM
     "READERS",
     "natural_key",
     "read_lits",
@@ -355,7 +356,7 @@ def read_label_array(path: str | Path) -> np.ndarray:
     return gate.load_volume(path, finite=False).array
 
 
-def validate_case(case: Case, check_values: bool = True, tolerance_mm: float = AFFINE_TOLERANCE_MM) -> None:
+def validate_case(case: Case, check_values: bool = True, tolerance_mm: float = SAME_GRID_TOLERANCE_MM) -> None:
     """Check one case before it is used (:func:`aqcf.data.gate.check_case`).
 
     Headers: readable, one 3D volume, a valid affine, the label on the image's grid. With

@@ -34,15 +34,16 @@ from pathlib import Path
 
 import numpy as np
 
+from aqcf.constants import check_label_values
 from aqcf.errors import AqcfError, first_line
+from aqcf.io import is_nifti_name
 
 __all__ = [
-    "LABEL_VALUES",
+    "SAME_GRID_TOLERANCE_MM",
     "AFFINE_TOLERANCE_MM",
     "MONOCHROME",
     "Volume",
     "CaseErrors",
-    "is_nifti",
     "spatial_shape",
     "check_affine",
     "count_nonfinite",
@@ -50,7 +51,6 @@ __all__ = [
     "read_header",
     "load_volume",
     "load_label",
-    "check_label_values",
     "check_same_grid",
     "check_case",
     "check_cases",
@@ -59,23 +59,20 @@ __all__ = [
     "check_slice_spacing",
 ]
 
-LABEL_VALUES = (0, 1, 2)
-"""Allowed label values: background, liver, tumor."""
+SAME_GRID_TOLERANCE_MM = 1e-2
+"""Largest difference (mm, per affine entry) at which two files still lie on one voxel grid: an image
+and its label map, a prediction and its reference, a mask and its scan."""
 
-AFFINE_TOLERANCE_MM = 1e-2
-"""Largest difference (mm, per affine entry) accepted between an image's and its label's affine."""
+AFFINE_TOLERANCE_MM = SAME_GRID_TOLERANCE_MM  # deprecated name, kept while data/preprocess.py imports it
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 """DICOM PhotometricInterpretation values of a grey-scale scan."""
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # |det| of the voxel axes relative to the product of their lengths: 1 for orthogonal axes, 0 for
 # dependent ones (a singular affine)
 MIN_AXIS_INDEPENDENCE = 1e-6
 # slabs of this many slices bound the memory of the finiteness test
 _SLAB = 32
-# shown in a one-line message before it is cut short
-_MAX_SHOWN = 5
 _READ_ERRORS = (EOFError, OSError, ValueError, zlib.error)
 
 
@@ -131,11 +128,6 @@ class CaseErrors(AqcfError):
         """Raise ``CaseErrors(problems, total, what)`` unless ``problems`` is empty."""
         if problems:
             raise cls(problems, total, what)
-
-
-def is_nifti(path: str | Path) -> bool:
-    """Whether ``path`` is named like a NIfTI file (``.nii`` or ``.nii.gz``)."""
-    return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
 
 
 def spatial_shape(path: str | Path, shape: Sequence[int]) -> tuple[int, int, int]:
@@ -279,7 +271,7 @@ def read_header(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
         AqcfError: Missing or unreadable, a short ``.nii``, not one 3D volume, a degenerate affine.
     """
     path = Path(path)
-    if not is_nifti(path):
+    if not is_nifti_name(path):
         shape, affine = _other_header(path)
         return spatial_shape(path, shape), check_affine(path, affine)
     image = _nibabel_image(path)
@@ -342,7 +334,7 @@ def load_volume(path: str | Path, finite: bool = True) -> Volume:
     """
     path = Path(path)
     read_header(path)  # a wrong shape or affine fails before the voxels are read
-    if is_nifti(path):
+    if is_nifti_name(path):
         image, voxels = _read_nifti(path)
         affine, header = np.asarray(image.affine, dtype=float), image.header
     else:
@@ -355,7 +347,7 @@ def load_label(
     path: str | Path,
     grid: tuple[Sequence[int], np.ndarray] | None = None,
     image: str | Path | None = None,
-    tolerance_mm: float = AFFINE_TOLERANCE_MM,
+    tolerance_mm: float = SAME_GRID_TOLERANCE_MM,
 ) -> Volume:
     """Read a label map completely and check its values and, given its image's grid, its geometry.
 
@@ -378,48 +370,12 @@ def load_label(
     return volume
 
 
-def _present_values(array: np.ndarray) -> np.ndarray:
-    """The distinct values of an array; integer-valued floats are counted like integers (no sort)."""
-    if array.dtype.kind == "f" and array.size:
-        whole = np.isfinite(array) & (array == np.floor(array))
-        if not whole.all():
-            bad = np.unique(array[~whole])
-            good = _present_values(array[whole].astype(np.int64)) if whole.any() else np.zeros(0)
-            return np.concatenate([good.astype(float), bad])
-        array = array.astype(np.int64)
-    if array.dtype.kind in "ub" or (array.dtype.kind == "i" and array.size and array.min() >= 0):
-        counts = np.bincount(array.ravel().astype(np.int64, copy=False)) if array.size else np.zeros(0)
-        return np.flatnonzero(counts)
-    return np.unique(array)
-
-
-def check_label_values(path: str | Path, array: np.ndarray | object) -> np.ndarray:
-    """Check that a label map holds only the values of :data:`LABEL_VALUES`.
-
-    Args:
-        path: The label file, for the message.
-        array: Its voxels (a numpy array or a torch tensor).
-
-    Returns:
-        The sorted values present, as integers.
-
-    Raises:
-        AqcfError: A value outside {0, 1, 2} (non-integers and NaN included) is present.
-    """
-    values = _present_values(np.asarray(array))
-    bad = [v for v in values.tolist() if v not in LABEL_VALUES]
-    if bad:
-        shown = ", ".join(f"{v:g}" for v in bad[:_MAX_SHOWN]) + (", ..." if len(bad) > _MAX_SHOWN else "")
-        raise AqcfError(f"{path}: label values {{{shown}}} outside {{0, 1, 2}}")
-    return values.astype(np.int64)
-
-
 def check_same_grid(
     image: str | Path,
     image_geometry: tuple[Sequence[int], np.ndarray],
     label: str | Path,
     label_geometry: tuple[Sequence[int], np.ndarray],
-    tolerance_mm: float = AFFINE_TOLERANCE_MM,
+    tolerance_mm: float = SAME_GRID_TOLERANCE_MM,
 ) -> None:
     """Check that an image and its label map share one voxel grid.
 
@@ -445,7 +401,7 @@ def check_same_grid(
         )
 
 
-def check_case(case, read_data: bool = True, tolerance_mm: float = AFFINE_TOLERANCE_MM) -> None:
+def check_case(case, read_data: bool = True, tolerance_mm: float = SAME_GRID_TOLERANCE_MM) -> None:
     """Check one case (an object with ``image`` and ``label`` paths, such as a cohort ``Case``).
 
     Args:
@@ -469,7 +425,7 @@ def check_case(case, read_data: bool = True, tolerance_mm: float = AFFINE_TOLERA
 
 
 def check_cases(
-    cases: Iterable, read_data: bool = True, tolerance_mm: float = AFFINE_TOLERANCE_MM
+    cases: Iterable, read_data: bool = True, tolerance_mm: float = SAME_GRID_TOLERANCE_MM
 ) -> list[str]:
     """Check every case of a cohort and return every problem found, not only the first.
 

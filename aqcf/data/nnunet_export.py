@@ -21,18 +21,19 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.constants import CT, MRI, check_modality
+from aqcf.constants import CLASS_NAMES, CT, MRI, TUMOR, check_modality
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.gate import CaseErrors, check_cases
 from aqcf.data.splits import check_splits, make_splits
 from aqcf.errors import AqcfError
-from aqcf.io import check_output, write_text_atomic
+from aqcf.io import check_output, nifti_suffix, write_text_atomic
 
 __all__ = ["CHANNEL_NAMES", "LABELS", "SPLITS_NAME", "dataset_folder", "export_nnunet", "main"]
 
 #: nnU-Net normalises a channel named "CT" with its CT scheme (foreground percentiles) and others by z-score
 CHANNEL_NAMES = {CT: "CT", MRI: "MRI"}
-LABELS = {"background": 0, "liver": 1, "tumor": 2}
+#: dataset.json's ``labels``: class name -> label value
+LABELS = {name: value for value, name in enumerate(CLASS_NAMES)}
 SPLITS_NAME = "splits_final.json"
 _MAX_DATASET_ID = 999  # nnU-Net's data set ids have three digits
 
@@ -47,14 +48,15 @@ def dataset_folder(out_dir: str | Path, dataset_id: int, name: str) -> Path:
 
 
 def _ending(path: Path) -> str:
-    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+    """The file ending nnU-Net's ``file_ending`` names: ``.nii.gz`` / ``.nii`` (as spelled), else the suffix."""
+    return nifti_suffix(path) or path.suffix
 
 
 def _has_tumor(label: str | Path) -> bool:
     """Whether a label map holds tumor (label 2): the stratification of the folds, as in the cache manifest."""
     import nibabel as nib
 
-    return bool((np.asanyarray(nib.load(str(label)).dataobj) == 2).any())
+    return bool((np.asanyarray(nib.load(str(label)).dataobj) == TUMOR).any())
 
 
 def _place(source: Path, target: Path, copy: bool) -> None:

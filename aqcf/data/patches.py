@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torchio as tio
 
-from aqcf.constants import IMAGE, LABEL
+from aqcf.constants import IMAGE, LABEL, LABEL_VALUES
 from aqcf.errors import AqcfError
 from aqcf.io import atomic_path
 
@@ -64,7 +64,7 @@ def _case_seed(case_id: str) -> int:
 
 def class_locations(
     label: np.ndarray,
-    classes: Sequence[int] = (0, 1, 2),
+    classes: Sequence[int] = LABEL_VALUES,
     per_class: int = LOCATIONS_PER_CLASS,
     min_fraction: float = LOCATIONS_MIN_FRACTION,
     seed: int | str = 0,

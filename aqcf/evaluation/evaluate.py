@@ -9,12 +9,12 @@ Folders in, a per-case table and a summary out (as nnU-Net's evaluation does):
   mean, SD, median, n of each metric, pooled Dice), plus where the inputs came from, and at its top
   level nnU-Net v2's ``metric_per_case`` / ``mean`` / ``foreground_mean`` (:func:`nnunet_summary`).
 
-Case ids: a NIfTI file's id is its name without ``.nii.gz`` / ``.nii``. A prediction belongs to a
-reference when its id equals the reference case's id, the id of the case's image file (with an nnU-Net
-channel suffix ``_0000`` removed or kept) or the id of its label file: e.g. ``volume-3.nii.gz`` or
-``3.nii.gz`` for LiTS ``segmentation-3.nii``. ``--ref-format`` reads the reference folder through the
-dataset readers (LiTS, ATLAS, nnU-Net raw, 3D-IRCADb-01 DICOM, LiverHccSeg); ``plain`` is a folder of
-``NAME.nii[.gz]`` label maps.
+Case ids: a NIfTI file's id is its name without ``.nii.gz`` / ``.nii`` in any case
+(:func:`aqcf.io.nifti_stem`). A prediction belongs to a reference when its id equals the reference
+case's id, the id of the case's image file (with an nnU-Net channel suffix ``_0000`` removed or kept)
+or the id of its label file: e.g. ``volume-3.nii.gz`` or ``3.nii.gz`` for LiTS ``segmentation-3.nii``.
+``--ref-format`` reads the reference folder through the dataset readers (LiTS, ATLAS, nnU-Net raw,
+3D-IRCADb-01 DICOM, LiverHccSeg); ``plain`` is a folder of ``NAME.nii[.gz]`` label maps.
 
 Every mask, predicted or reference, is read completely through the input gate
 (:func:`aqcf.data.gate.load_label`): a truncated file, a 2D or multi-volume image, a degenerate
@@ -37,24 +37,17 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.constants import check_modality
-from aqcf.data.gate import AFFINE_TOLERANCE_MM, Volume, load_label
+from aqcf.constants import REGIONS, check_modality
+from aqcf.data.gate import SAME_GRID_TOLERANCE_MM, Volume, load_label
 from aqcf.errors import AqcfError
-from aqcf.evaluation.metrics import (
-    CLASS_LABELS,
-    EMPTY_DISTANCE_RULES,
-    ROW_FIELDS,
-    evaluate_case,
-    summarise,
-)
-from aqcf.io import check_output, write_bytes_atomic, write_text_atomic
+from aqcf.evaluation.metrics import EMPTY_DISTANCE_RULES, ROW_FIELDS, evaluate_case, summarise
+from aqcf.io import check_output, is_nifti_name, nifti_stem, write_bytes_atomic, write_text_atomic
 
 __all__ = [
     "REF_FORMATS",
     "METRICS_FILE",
     "SUMMARY_FILE",
     "Reference",
-    "case_id",
     "list_nifti",
     "read_references",
     "match_predictions",
@@ -75,29 +68,20 @@ METRICS_FILE = "metrics.csv"
 SUMMARY_FILE = "summary.json"
 #: the per-case metrics of nnU-Net v2's summary.json (``nnunetv2/evaluation/evaluate_predictions.py``)
 NNUNET_METRICS = ("Dice", "IoU", "FN", "FP", "TN", "TP", "n_pred", "n_ref")
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net's image channel suffix, e.g. CASE_0000
 
 
-def case_id(path: str | Path) -> str:
-    """A NIfTI file's case id: its name less ``.nii.gz`` / ``.nii`` (``a/liver_3.nii.gz`` -> ``liver_3``)."""
-    name = Path(path).name
-    for suffix in NIFTI_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def list_nifti(folder: str | Path) -> dict[str, Path]:
-    """Case id -> file for the ``*.nii`` / ``*.nii.gz`` files directly in ``folder`` (hidden ones skipped)."""
+    """Case id -> file for the NIfTI files (``*.nii`` / ``*.nii.gz``, any case) directly in ``folder``
+    (hidden ones skipped)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AqcfError(f"{folder}: folder not found")
     found: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.name.endswith(NIFTI_SUFFIXES) or not path.is_file():
+        if path.name.startswith(".") or not is_nifti_name(path) or not path.is_file():
             continue
-        key = case_id(path)
+        key = nifti_stem(path)
         if key in found:
             raise AqcfError(f"{folder}: both {found[key].name} and {path.name} have case id {key!r}")
         found[key] = path
@@ -122,7 +106,7 @@ def _aliases(case_key: str, *paths: Path | None) -> tuple[str, ...]:
     for path in paths:
         if path is None:
             continue
-        stem = case_id(path)
+        stem = nifti_stem(path)
         names += [stem, CHANNEL_SUFFIX.sub("", stem)]
     # masks written by `aqcf segment` carry its default suffix: scan.nii.gz -> scan_seg.nii.gz
     names += [f"{name}{SEGMENT_SUFFIX}" for name in names]
@@ -242,7 +226,7 @@ def evaluate_pair(
     ref, ref_image = _load_label(ref_path)
     if pred.shape != ref.shape:
         raise AqcfError(f"{pred_path}: shape {pred.shape} differs from the reference {ref_path} {ref.shape}")
-    if not np.allclose(pred_image.affine, ref_image.affine, atol=AFFINE_TOLERANCE_MM):
+    if not np.allclose(pred_image.affine, ref_image.affine, atol=SAME_GRID_TOLERANCE_MM):
         warnings.warn(f"{pred_path}: affine differs from the reference {ref_path}; comparing voxel by voxel",
                       stacklevel=2)
     spacing = tuple(float(s) for s in ref_image.header.get_zooms()[:3])
@@ -299,7 +283,7 @@ def nnunet_summary(rows: Sequence[Mapping], files: Mapping[str, Mapping] | None 
         each case entry also carries ``case`` and ``modality``, which nnU-Net's readers ignore.
     """
     files = files or {}
-    regions = {name: nnunet_region_key(labels) for name, labels in CLASS_LABELS.items()}
+    regions = {name: nnunet_region_key(labels) for name, labels in REGIONS.items()}
     cases: dict[tuple[str, str], dict] = {}
     for row in rows:
         key = (str(row["modality"]), str(row["case"]))

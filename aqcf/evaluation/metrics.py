@@ -8,7 +8,7 @@ call these two and write the same files (:mod:`aqcf.evaluation.evaluate`).
 Conventions (also in ``docs/evaluation.md``):
 
 * **Classes.** ``liver`` is the whole liver including tumor (label 1 or 2, the LiTS convention);
-  ``tumor`` is label 2.
+  ``tumor`` is label 2 (:data:`aqcf.constants.REGIONS`).
 * **Metrics.** Dice, the 95th-percentile Hausdorff distance (HD95, mm) and the mean symmetric surface
   distance (MSD, mm), all from MONAI (:func:`monai.metrics.compute_dice`,
   :func:`monai.metrics.compute_hausdorff_distance`, :func:`monai.metrics.compute_average_surface_distance`)
@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 
-from aqcf.constants import check_modality
+from aqcf.constants import REGIONS, check_label_values, check_modality
 from aqcf.errors import AqcfError
 
 __all__ = [
@@ -42,40 +42,16 @@ __all__ = [
     "ROW_FIELDS",
     "EMPTY_DISTANCE_RULES",
     "binary_metrics",
-    "check_label_values",
     "evaluate_case",
     "summarise",
 ]
 
-# class name -> label values that make up the class (liver includes tumor, as in LiTS)
-CLASS_LABELS: dict[str, tuple[int, ...]] = {"liver": (1, 2), "tumor": (2,)}
+#: class name -> label values that make up the class: the evaluated regions of :mod:`aqcf.constants`
+CLASS_LABELS: dict[str, tuple[int, ...]] = REGIONS
 METRICS = ("dice", "hd95", "msd")
 ROW_FIELDS = ("case", "modality", "class", *METRICS, "pred_voxels", "ref_voxels", "intersection")
 EMPTY_DISTANCE_RULES = ("nan", "diagonal")
-VALID_LABELS = (0, 1, 2)
 HD_PERCENTILE = 95
-
-
-def check_label_values(label: np.ndarray, name: str = "label map") -> None:
-    """Raise :class:`AqcfError` if ``label`` holds values other than 0, 1, 2.
-
-    Args:
-        label: integer or float label map of any shape.
-        name: how the message names the array (usually its file).
-    """
-    arr = np.asarray(label)
-    if arr.dtype == bool:
-        return
-    if not np.issubdtype(arr.dtype, np.integer):
-        # float-stored masks are common (NIfTI writers); accept them when they hold whole numbers
-        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
-            raise AqcfError(f"{name}: label values are not whole numbers (expected 0, 1, 2)")
-    low, high = arr.min(initial=0), arr.max(initial=0)
-    if low >= min(VALID_LABELS) and high <= max(VALID_LABELS):
-        return
-    values = np.unique(arr)
-    bad = sorted(set(values.tolist()) - set(VALID_LABELS))
-    raise AqcfError(f"{name}: label values {bad} outside {{0, 1, 2}}")
 
 
 def _bounding_box(mask: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
@@ -181,8 +157,8 @@ def evaluate_case(
         raise AqcfError(
             f"case {case!r}: prediction shape {pred.shape} differs from reference shape {ref.shape}"
         )
-    check_label_values(pred, f"case {case!r} prediction")
-    check_label_values(ref, f"case {case!r} reference")
+    check_label_values(f"case {case!r} prediction", pred)
+    check_label_values(f"case {case!r} reference", ref)
     rows = []
     for name, values in classes.items():
         result = binary_metrics(

@@ -23,14 +23,16 @@ from pathlib import Path
 
 import numpy as np
 
+from aqcf.constants import REGIONS, region_mask
 from aqcf.errors import AqcfError, first_line
 
 __all__ = ["SEGMENTS", "require_highdicom", "segment_frames", "write_dicom_seg"]
 
-#: (segment label, labels it covers, property category, property type) with SNOMED CT codes
+#: (segment label, labels it covers, property category, property type) with SNOMED CT codes; the
+#: segments are the evaluated regions (:data:`aqcf.constants.REGIONS`)
 SEGMENTS = (
-    ("liver", (1, 2), ("91723000", "Anatomical Structure"), ("10200004", "Liver")),
-    ("tumor", (2,), ("49755003", "Morphologically Abnormal Structure"), ("108369006", "Neoplasm")),
+    ("liver", REGIONS["liver"], ("91723000", "Anatomical Structure"), ("10200004", "Liver")),
+    ("tumor", REGIONS["tumor"], ("49755003", "Morphologically Abnormal Structure"), ("108369006", "Neoplasm")),
 )
 _HINT = "pip install 'aqcf[dicom]'"
 # Type 2 patient and study attributes a Segmentation copies from its source: present in any scanner's
@@ -48,13 +50,13 @@ def require_highdicom() -> None:
 def segment_frames(labels: np.ndarray) -> np.ndarray:
     """Binary frames of a (columns, rows, slices) label map: bool (slices, rows, columns, segments).
 
-    The label map's axes are those of :func:`aqcf.data.external.dicom_series_to_volume` (the NIfTI
+    The label map's axes are those of :func:`aqcf.data.dicom.dicom_series_to_volume` (the NIfTI
     written for a DICOM input), so frame k is source slice k of the volume order, transposed to the
     DICOM (rows, columns) layout.
     """
     labels = np.asarray(labels)
     planes = np.transpose(labels, (2, 1, 0))  # (X=columns, Y=rows, Z) -> (slices, rows, columns)
-    return np.stack([np.isin(planes, values) for _, values, _, _ in SEGMENTS], axis=-1)
+    return np.stack([region_mask(planes, name) for name, _, _, _ in SEGMENTS], axis=-1)
 
 
 def write_dicom_seg(path: str | Path, labels: np.ndarray, source_slices: Sequence) -> Path:

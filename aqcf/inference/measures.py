@@ -30,7 +30,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull
 from scipy.spatial.distance import cdist
 
-from aqcf.constants import FOREGROUND_CLASSES
+from aqcf.constants import region_mask
 from aqcf.errors import AqcfError
 
 __all__ = [
@@ -47,7 +47,6 @@ __all__ = [
 
 CONNECTIVITY = 26
 MM3_PER_ML = 1000.0
-LIVER, TUMOR = FOREGROUND_CLASSES["liver"], FOREGROUND_CLASSES["tumor"]
 _SPATIAL_NDIM = 3
 # hull vertices compared per block in the all-pairs distance (bounds memory to block × n doubles)
 _DISTANCE_BLOCK = 2048
@@ -152,7 +151,7 @@ def tumor_components(labels: np.ndarray) -> tuple[np.ndarray, int]:
     The map is int32 (X, Y, Z): 0 outside tumors, 1..count per tumor (``scipy.ndimage.label`` order).
     """
     structure = np.ones((3,) * _SPATIAL_NDIM, dtype=bool)
-    components, count = ndimage.label(np.asarray(labels) == TUMOR, structure=structure)
+    components, count = ndimage.label(region_mask(np.asarray(labels), "tumor"), structure=structure)
     return components, int(count)
 
 
@@ -175,8 +174,8 @@ def scan_measures(labels: np.ndarray, affine: np.ndarray) -> dict:
         raise AqcfError(f"label map of shape {labels.shape}: expected a 3-D volume")
     affine = np.asarray(affine, dtype=float)
     voxel_ml = voxel_volume_mm3(affine) / MM3_PER_ML
-    liver_voxels = int(np.count_nonzero(labels >= LIVER))
-    tumor_voxels = int(np.count_nonzero(labels == TUMOR))
+    liver_voxels = int(np.count_nonzero(region_mask(labels, "liver")))  # the liver with its tumors
+    tumor_voxels = int(np.count_nonzero(region_mask(labels, "tumor")))
     components, count = tumor_components(labels)
     tumors = []
     for index, box in enumerate(ndimage.find_objects(components), start=1):

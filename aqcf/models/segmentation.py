@@ -27,7 +27,7 @@ from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from aqcf.constants import IMAGE, LABEL, MODALITIES, check_name, declare_modalities
+from aqcf.constants import IMAGE, LABEL, MODALITIES, check_name, declare_modalities, region_mask
 from aqcf.errors import AqcfError
 
 __all__ = ["SegmentationModule", "PooledDice", "class_masks", "MONITOR"]
@@ -48,7 +48,7 @@ def class_masks(label: Tensor) -> Tensor:
     """
     if label.ndim == 5:
         label = label[:, 0]
-    return torch.stack([label >= 1, label == 2], dim=1)
+    return torch.stack([region_mask(label, "liver"), region_mask(label, "tumor")], dim=1)
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
