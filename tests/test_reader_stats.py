@@ -10,7 +10,7 @@ import pytest
 
 from aqcf.cli import main as aqcf_main
 from aqcf.errors import AqcfError
-from aqcf.explain.reader_stats import cohen_kappa, icc_2_1, read_scores
+from aqcf.evaluation.reader_study import cohen_kappa, icc_2_1, read_scores
 
 # Shrout & Fleiss (1979), Table 2: 6 targets x 4 judges
 SHROUT_FLEISS = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]

@@ -35,7 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "synth": ("aqcf.data.phantoms:main", "write phantom CT (LiTS layout) and MRI (ATLAS layout) cohorts"),
     "preprocess": ("aqcf.data.preprocess:main", "preprocess a cohort into the cache folder"),
     "figures": ("aqcf.visualize.figures:main", "draw the paper's figures (training curves, qualitative overlays)"),
-    "reader-stats": ("aqcf.explain.reader_stats:main", "reader study table: scores, ICC(2,1), Cohen's kappa"),
+    "reader-stats": ("aqcf.evaluation.reader_study:main", "reader study table: scores, ICC(2,1), Cohen's kappa"),
     "evaluate": ("aqcf.evaluation.evaluate:main", "Dice, HD95, MSD of predicted masks against references"),
     "report": ("aqcf.evaluation.report:main", "cross-validation tables, Wilcoxon tests, ablation view"),
     "export-nnunet": ("aqcf.data.nnunet_export:main", "a cohort as an nnU-Net v2 raw data set with aqcf's folds"),
