@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from aqcf.errors import AqcfError
-from aqcf.inference.predictor import Predictor, WindowSettings, flip_averaged, sliding_window_logits
+from aqcf.inference.predictor import Predictor
+from aqcf.networks.sliding_window import WindowSettings, flip_averaged, sliding_window_logits
 
 TINY_CONFIG = Path(__file__).parent / "configs" / "tiny_cpu.yaml"
 

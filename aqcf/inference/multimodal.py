@@ -25,7 +25,8 @@ from torch import Tensor
 
 from aqcf.data.preprocess import restore_to_original
 from aqcf.errors import AqcfError
-from aqcf.inference.predictor import Predictor, Segmentation, argmax_labels, segmentation_from_probabilities
+from aqcf.inference.predictor import Predictor, Segmentation, segmentation_from_probabilities
+from aqcf.networks.sliding_window import argmax_labels
 
 __all__ = ["preprocess_present", "segment_present"]
 

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from aqcf.data.preprocess import PreprocessSettings
 from aqcf.errors import AqcfError
-from aqcf.inference.predictor import Predictor, WindowSettings
+from aqcf.inference.predictor import Predictor
+from aqcf.networks.sliding_window import WindowSettings
 
 __all__ = ["OnnxNetwork", "onnx_predictor"]
 
