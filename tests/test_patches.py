@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from aqcf.data.cache import Manifest, preprocess_cohort
 from aqcf.data.cohorts import read_lits
 from aqcf.data.patches import DrawPatches, class_locations, draw_patch, load_locations, patch_centres
 from aqcf.data.phantoms import ct_config, make_case, synthesize
-from aqcf.data.preprocess import Manifest, PreprocessSettings, preprocess_cohort
+from aqcf.data.preprocess import PreprocessSettings
 from aqcf.errors import AqcfError
 
 SMALL = dict(shape=(32, 32, 16), spacing=(2.0, 2.0, 3.0))

@@ -11,15 +11,10 @@ import numpy as np
 import pytest
 
 from aqcf.cli import main as aqcf_main
+from aqcf.data.cache import Manifest, preprocess_cohort
 from aqcf.data.cohorts import Case, read_atlas, read_lits
 from aqcf.data.phantoms import ct_config, make_case, mri_config, synthesize
-from aqcf.data.preprocess import (
-    Manifest,
-    PreprocessSettings,
-    preprocess_cohort,
-    preprocess_image,
-    restore_to_original,
-)
+from aqcf.data.preprocess import PreprocessSettings, preprocess_image, restore_to_original
 from aqcf.errors import AqcfError
 
 CT_WINDOW = (-16.0, 176.0)

@@ -26,9 +26,10 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI, check_modality, check_name, declare_modalities
 from aqcf.data.augment import build_augmentation
+from aqcf.data.cache import Manifest, preprocess_cohort
 from aqcf.data.cohorts import read_cohort
 from aqcf.data.patches import CachedPatchSampler, DrawPatches
-from aqcf.data.preprocess import DEFAULT_LABELS, Manifest, PreprocessSettings, label_mapping, preprocess_cohort
+from aqcf.data.preprocess import DEFAULT_LABELS, PreprocessSettings, label_mapping
 from aqcf.data.splits import PROTOCOLS, load_or_create_splits
 from aqcf.errors import AqcfError
 

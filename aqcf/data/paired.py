@@ -5,7 +5,7 @@ scan that are aligned in world coordinates but lie on different voxel grids. For
 on one grid, the patient's preprocessed CT grid:
 
 1. the CT (and its label) goes through the CT cohort's preprocessing and cache
-   (:func:`~aqcf.data.preprocess.preprocess_cohort`, cache folder ``paired-ct-<key>``, with its input
+   (:func:`~aqcf.data.cache.preprocess_cohort`, cache folder ``paired-ct-<key>``, with its input
    gate and checks);
 2. the MRI is checked by the same gate, resampled onto that grid in world coordinates (linear for the
    image, nearest neighbour for its label; outside the MRI's field of view the image is the window
@@ -31,20 +31,19 @@ import torch
 from torch.utils.data import Dataset
 
 from aqcf.constants import CT, IMAGE, LABEL, MRI
-from aqcf.data.cohorts import Case, validate_case
-from aqcf.data.patches import _memmap, _padding, _read_window, draw_patch, load_locations, patch_centres
-from aqcf.data.preprocess import (
+from aqcf.data.cache import (
     Manifest,
-    PreprocessSettings,
-    _atomic_save_nifti,
-    _fingerprint,
-    _load,
     check_cached_files,
     file_digest,
+    file_fingerprint,
+    memmap_volume,
     preprocess_cohort,
 )
+from aqcf.data.cohorts import Case, validate_case
+from aqcf.data.patches import draw_patch, load_locations, patch_centres, patch_padding, read_window
+from aqcf.data.preprocess import PreprocessSettings, load_scan
 from aqcf.errors import AqcfError
-from aqcf.io import write_json_atomic
+from aqcf.io import nifti_image, save_nifti_atomic, write_json_atomic
 
 __all__ = ["scan_on_grid", "mri_on_ct_grid", "preprocess_paired", "PairedPatches", "augment_pair", "MixedBatches"]
 
@@ -75,11 +74,11 @@ def scan_on_grid(
     case = Case(f"paired-{settings.modality}", settings.modality, Path(image_path),
                 None if label_path is None else Path(label_path))
     validate_case(case)
-    image = _load(Path(image_path), "image")
+    image = load_scan(Path(image_path), "image")
     image.set_data(image.data.to(torch.float32))
     subject = tio.Subject(image=image)
     if label_path is not None:
-        subject.add_image(_load(Path(label_path), "label"), "label")
+        subject.add_image(load_scan(Path(label_path), "label"), "label")
         subject = tio.CopyAffine("image")(subject)  # within the gate's tolerance the grids are equal
     low, high = settings.window
     target = str(reference) if isinstance(reference, str | Path) else reference
@@ -141,7 +140,7 @@ def preprocess_paired(
     manifest: Manifest = preprocess_cohort(
         ct_cases, ct_settings, cache_dir, name="paired-ct", progress=progress, verify=verify
     )
-    files = [[c["id"], _fingerprint(Path(c["mri_image"])), _fingerprint(Path(c["mri_label"]))] for c in cases]
+    files = [[c["id"], file_fingerprint(Path(c["mri_image"])), file_fingerprint(Path(c["mri_label"]))] for c in cases]
     text = json.dumps({"ct": manifest.key, "window": list(mri_settings.window), "cases": files}, sort_keys=True)
     folder = Path(cache_dir) / f"paired-mri-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
     out = []
@@ -151,8 +150,8 @@ def preprocess_paired(
         if entry is None or check_cached_files(entry, folder, verify):
             image, label, affine = mri_on_ct_grid(case["mri_image"], case["mri_label"], ct[IMAGE], mri_settings)
             entry = {"id": case["id"], "image": f"images/{case['id']}.nii", "label": f"labels/{case['id']}.nii"}
-            _atomic_save_nifti(image, affine, folder / entry[IMAGE])
-            _atomic_save_nifti(label, affine, folder / entry[LABEL])
+            save_nifti_atomic(nifti_image(image, affine), folder / entry[IMAGE])
+            save_nifti_atomic(nifti_image(label, affine), folder / entry[LABEL])
             entry["files"] = {key: file_digest(folder / entry[key]) for key in (IMAGE, LABEL)}
             write_json_atomic(record_path, entry, indent=1)  # last: a record exists only for a complete case
         out.append({
@@ -214,8 +213,8 @@ class PairedPatches(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[torch.randint(len(self.entries), (1,), generator=self.generator).item()]
-        ct_image, ct_label = _memmap(entry["ct_image"]), _memmap(entry["ct_label"])
-        mri_image, mri_label = _memmap(entry["mri_image"]), _memmap(entry["mri_label"])
+        ct_image, ct_label = memmap_volume(entry["ct_image"]), memmap_volume(entry["ct_label"])
+        mri_image, mri_label = memmap_volume(entry["mri_image"]), memmap_volume(entry["mri_label"])
         if not ct_image.shape == ct_label.shape == mri_image.shape == mri_label.shape:
             raise AqcfError(f"{entry['mri_image']}: paired cache grids differ; delete the cache to rebuild")
         if entry["id"] not in self._centres:
@@ -224,11 +223,11 @@ class PairedPatches(Dataset):
         ct = draw_patch(ct_image, ct_label, self._centres[entry["id"]], self.patch_size, self.probabilities,
                         self.generator)
         # the same window of the MRI arrays (``start`` is on the unpadded grid)
-        pad = _padding(ct_image.shape, self.patch_size)
+        pad = patch_padding(ct_image.shape, self.patch_size)
         start = np.asarray(ct["start"]) + pad
         mri = {
-            IMAGE: torch.from_numpy(_read_window(mri_image, start, self.patch_size, pad).astype(np.float32))[None],
-            LABEL: torch.from_numpy(_read_window(mri_label, start, self.patch_size, pad).astype(np.uint8))[None],
+            IMAGE: torch.from_numpy(read_window(mri_image, start, self.patch_size, pad).astype(np.float32))[None],
+            LABEL: torch.from_numpy(read_window(mri_label, start, self.patch_size, pad).astype(np.uint8))[None],
         }
         ct = {IMAGE: ct[IMAGE], LABEL: ct[LABEL], "id": entry["id"]}
         mri["id"] = entry["id"]

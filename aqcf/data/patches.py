@@ -33,6 +33,7 @@ import torch
 import torchio as tio
 
 from aqcf.constants import IMAGE, LABEL, LABEL_VALUES
+from aqcf.data.cache import memmap_volume
 from aqcf.errors import AqcfError
 from aqcf.io import atomic_path
 
@@ -45,6 +46,8 @@ __all__ = [
     "valid_centres",
     "patch_centres",
     "label_weights",
+    "patch_padding",
+    "read_window",
     "draw_patch",
     "DrawPatches",
     "CachedPatchSampler",
@@ -139,7 +142,7 @@ def patch_centres(
     Computed once per subject (not per patch): it touches every stored coordinate.
     """
     patch = np.asarray(patch_size)
-    pad = _padding(shape, patch)
+    pad = patch_padding(shape, patch)
     padded = np.maximum(np.asarray(shape), patch)
     return {k: valid_centres(c.astype(np.int32) + pad.astype(np.int32), padded, patch) for k, c in locations.items()}
 
@@ -151,13 +154,13 @@ def label_weights(available: Mapping[int, int], probabilities: Mapping[int, floa
     return {k: w / total for k, w in weights.items()} if total > 0 else {}
 
 
-def _padding(shape: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
+def patch_padding(shape: Sequence[int], patch_size: Sequence[int]) -> np.ndarray:
     """Zeros added before the volume along each axis so that it is at least the patch size."""
     missing = np.maximum(np.asarray(patch_size) - np.asarray(shape), 0)
     return missing // 2
 
 
-def _read_window(array: np.ndarray, start: np.ndarray, patch_size: Sequence[int], pad: np.ndarray) -> np.ndarray:
+def read_window(array: np.ndarray, start: np.ndarray, patch_size: Sequence[int], pad: np.ndarray) -> np.ndarray:
     """``array`` zero-padded by ``pad`` before each axis, cropped to ``[start, start + patch)``."""
     out = np.zeros(tuple(patch_size), dtype=array.dtype)
     src_lo = np.maximum(start - pad, 0)
@@ -168,17 +171,6 @@ def _read_window(array: np.ndarray, start: np.ndarray, patch_size: Sequence[int]
     dst = tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi, strict=True))
     out[dst] = array[src]
     return out
-
-
-def _memmap(path: str | Path) -> np.ndarray:
-    """The voxel array of an uncompressed, unscaled cached NIfTI file as a read-only memory map."""
-    import nibabel as nib
-
-    image = nib.load(str(path), mmap="r")
-    array = np.asanyarray(image.dataobj)
-    if array.ndim != 3:
-        raise AqcfError(f"{path}: cached volume of shape {array.shape}; expected 3D")
-    return array
 
 
 def draw_patch(
@@ -206,7 +198,7 @@ def draw_patch(
         the label drawn (``None`` when no label had a valid centre and the patch was placed uniformly)}``.
     """
     patch = np.asarray(patch_size, dtype=np.int64)
-    pad = _padding(image.shape, patch)
+    pad = patch_padding(image.shape, patch)
     shape = np.maximum(np.asarray(image.shape), patch)
     weights = label_weights({k: len(c) for k, c in centres.items()}, probabilities)
     chosen = None
@@ -220,8 +212,8 @@ def draw_patch(
     else:
         high = shape - patch + 1
         start = np.array([torch.randint(int(h), (1,), generator=generator).item() for h in high])
-    image_patch = _read_window(image, start, patch, pad).astype(np.float32, copy=False)
-    label_patch = _read_window(label, start, patch, pad).astype(np.uint8, copy=False)
+    image_patch = read_window(image, start, patch, pad).astype(np.float32, copy=False)
+    label_patch = read_window(label, start, patch, pad).astype(np.uint8, copy=False)
     return {
         IMAGE: torch.from_numpy(image_patch)[None],
         LABEL: torch.from_numpy(label_patch)[None],
@@ -244,8 +236,8 @@ class DrawPatches:
         self.samples = int(samples)
 
     def __call__(self, subject):
-        image = _memmap(subject[IMAGE].path)
-        label = _memmap(subject[LABEL].path)
+        image = memmap_volume(subject[IMAGE].path)
+        label = memmap_volume(subject[LABEL].path)
         if image.shape != label.shape:
             raise AqcfError(f"{subject[IMAGE].path}: cached image and label grids differ; delete the cache to rebuild")
         centres = patch_centres(load_locations(subject[LOCATIONS_KEY]), image.shape, self.patch_size)

@@ -69,6 +69,7 @@ from scipy import ndimage
 
 from aqcf.constants import CT, MRI, check_modality
 from aqcf.errors import AqcfError
+from aqcf.io import nifti_image
 
 __all__ = [
     "PhantomConfig",
@@ -723,13 +724,10 @@ def _resample_anatomy(anatomy: _Anatomy, voxel_to_reference: np.ndarray, shape) 
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write one volume (not atomically: a cohort is written into a temporary folder renamed when complete)."""
     import nibabel as nib
 
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    img.header.set_xyzt_units("mm")
-    nib.save(img, str(path))
+    nib.save(nifti_image(array, affine), str(path))
 
 
 def _write_cohort(kind: str, folder: Path, n: int, cfg: PhantomConfig, seed: int, stream: int, bar) -> None:
