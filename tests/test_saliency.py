@@ -1,4 +1,4 @@
-"""Grad-CAM / Grad-CAM++ of the tumor class, windows and feature maps (aqcf.explain.saliency, .features)."""
+"""Grad-CAM / Grad-CAM++ of the tumor class, layers, windows and feature maps (aqcf.explain)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,9 @@ from torch import nn
 
 from aqcf.errors import AqcfError
 from aqcf.explain.features import feature_layers, feature_maps, summarise_channels
-from aqcf.explain.saliency import (
-    METHODS,
-    ClassScore,
-    TumorSaliency,
-    available_layers,
-    check_layer,
-    default_layer,
-    normalise_maps,
-)
+from aqcf.explain.layers import available_layers, check_layer, default_layer
+from aqcf.explain.saliency import METHODS, TumorSaliency
+from aqcf.explain.scores import ClassScore, normalise_maps
 from aqcf.explain.windows import extract_window
 
 WINDOW = (32, 32, 16)  # the tiny run's training patch

@@ -9,7 +9,8 @@ Forward hooks record a layer's output on the unimodal path (eq. 17); a channel s
   sample), the single direction along which the features vary most. Its sign is arbitrary; it is
   chosen so that the map correlates positively with ``mean_abs``.
 
-Either map is scaled to [0, 1] per sample and upsampled trilinearly to the input grid for display.
+Either map is scaled to [0, 1] per sample and upsampled trilinearly to the input grid for display
+(:func:`aqcf.visualize.maps.plot_feature_maps` draws them).
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from aqcf.constants import check_modality
 from aqcf.errors import AqcfError
-from aqcf.explain.saliency import available_layers, case_map_grid, check_layer, normalise_maps
+from aqcf.explain.layers import available_layers, check_layer
+from aqcf.explain.scores import normalise_maps
 
 __all__ = [
     "MEAN_ABS",
@@ -33,13 +34,11 @@ __all__ = [
     "capture_features",
     "summarise_channels",
     "feature_maps",
-    "plot_feature_maps",
 ]
 
 MEAN_ABS = "mean_abs"
 PCA = "pca"
 SUMMARIES = (MEAN_ABS, PCA)
-HEAT_CMAP = "viridis"
 
 
 def feature_layers(network: nn.Module, modality: str) -> dict[str, str]:
@@ -69,7 +68,7 @@ def capture_features(network: nn.Module, x: Tensor, modality: str, layers: Seque
         network: an :class:`~aqcf.networks.aqcfnet.AQCFNet`.
         x: (B, 1, X, Y, Z) preprocessed input.
         modality: its modality.
-        layers: layer names (:func:`~aqcf.explain.saliency.available_layers`).
+        layers: layer names (:func:`~aqcf.explain.layers.available_layers`).
 
     Returns:
         ``{layer: (B, C, X', Y', Z') tensor}``, detached.
@@ -153,14 +152,3 @@ def feature_maps(
         out[title] = summary[:, 0]
     return out
 
-
-def plot_feature_maps(rows: Sequence[Mapping[str, object]], title: str | None = None) -> Figure:
-    """Figure 8: per row the image, the ground truth and the feature maps of one case, on one axial slice.
-
-    ``rows`` as in :func:`aqcf.explain.saliency.case_map_grid`, the maps being channel summaries in [0, 1].
-    """
-
-    def draw(ax, heat, grey, label, orientation, aspect) -> None:
-        ax.imshow(heat, cmap=HEAT_CMAP, vmin=0.0, vmax=1.0, aspect=aspect, interpolation="nearest")
-
-    return case_map_grid(rows, draw, "feature-map figure", title)

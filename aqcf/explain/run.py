@@ -187,7 +187,7 @@ def resolve_layers(network, modalities: Sequence[str], layers: Sequence[str]) ->
         AqcfError: a name on no analysed stream's path, or two names for one stream (one line naming the
             available layers).
     """
-    from aqcf.explain.saliency import available_layers, check_layer
+    from aqcf.explain.layers import available_layers, check_layer
 
     chosen: dict[str, str] = {}
     for layer in layers:
@@ -294,7 +294,8 @@ def _check_out(out: Path, overwrite: bool, inputs=()) -> None:
 def _parser():
     from aqcf.errors import ArgumentParser
     from aqcf.explain.features import SUMMARIES
-    from aqcf.explain.saliency import METHODS, SCORE_REGIONS
+    from aqcf.explain.saliency import METHODS
+    from aqcf.explain.scores import SCORE_REGIONS
     from aqcf.inference.predictor import DEVICES
 
     p = ArgumentParser(
@@ -502,7 +503,8 @@ def _explain_case(args, explain, m: str, case: CaseData, x, label_w, window, met
         ``{method label: (X, Y, Z) map in [0, 1]}``.
     """
     from aqcf.explain.metrics import saliency_metrics
-    from aqcf.explain.saliency import METHOD_LABELS, TUMOR_CLASS
+    from aqcf.explain.saliency import METHOD_LABELS
+    from aqcf.explain.scores import TUMOR_CLASS
 
     tumor = label_w == TUMOR_CLASS
     maps = {}
@@ -533,7 +535,7 @@ def _add_panels(args, explained: _Explained, network, m: str, case: CaseData, x,
     """The figure panels of one shown case: one axial slice through its tumor, with the saliency maps
     (Figure 7) and the channel-summarised feature maps (Figure 8)."""
     from aqcf.explain.features import feature_maps
-    from aqcf.visualize import pick_slices
+    from aqcf.visualize.overlays import pick_slices
 
     z = pick_slices(label_w, 1)[0]
     panel = {
@@ -622,11 +624,10 @@ def _write_outputs(
     """Write the gate table and figure, ``saliency.csv``, ``summary.json``, ``summary.md`` and the
     figures into ``out``; remove the results of an earlier run this one did not redo; print the
     summary table (stdout) and the written paths (stderr)."""
-    from aqcf.explain.features import plot_feature_maps
     from aqcf.explain.gates import plot_gates, write_gate_table
-    from aqcf.explain.saliency import plot_saliency
     from aqcf.io import write_text_atomic
-    from aqcf.visualize import save_figure
+    from aqcf.visualize.canvas import save_figure
+    from aqcf.visualize.maps import plot_feature_maps, plot_saliency
 
     if gates.recorder is not None:
         write_gate_table(gates.rows, out, context=explained.context_rows)
