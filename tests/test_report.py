@@ -12,7 +12,8 @@ import pytest
 
 from aqcf.cli import main as aqcf_main
 from aqcf.errors import AqcfError
-from aqcf.evaluation.report import load_run, min_exact_p, run_colors, write_report
+from aqcf.evaluation.report import load_run, min_exact_p, write_report
+from aqcf.visualize.charts import run_colors
 
 # fold-wise per-case means, fold0..fold4; "full" is the baseline
 TUMOR_CT = {

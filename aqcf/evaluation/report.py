@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import wilcoxon
@@ -29,7 +30,12 @@ from scipy.stats import wilcoxon
 from aqcf.constants import MODALITIES
 from aqcf.errors import AqcfError
 from aqcf.evaluation.metrics import CLASS_LABELS, METRICS
-from aqcf.io import check_output, write_bytes_atomic, write_text_atomic
+from aqcf.io import check_output, write_text_atomic
+from aqcf.visualize.canvas import save_figure
+from aqcf.visualize.charts import bar_chart
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "Run",
@@ -41,7 +47,6 @@ __all__ = [
     "significance_table",
     "ablation_table",
     "min_exact_p",
-    "run_colors",
     "write_report",
     "main",
 ]
@@ -55,6 +60,7 @@ DEFAULT_FOLDS = 5  # the paper's five-fold cross-validation
 # how the Markdown shows each metric: (column title, scale, decimals); Dice in % as in the paper
 DISPLAY = {"dice": ("Dice (%)", 100.0, 1), "hd95": ("HD95 (mm)", 1.0, 2), "msd": ("MSD (mm)", 1.0, 2)}
 MODALITY_TITLES = {"ct": "CT", "mri": "MRI"}
+DICE_DPI = 120
 
 
 @dataclass
@@ -360,47 +366,20 @@ def _folds_rows(runs: Sequence[Run]) -> list[dict]:
     return rows
 
 
-def run_colors(n: int) -> list[tuple[float, ...]]:
-    """One colour per run: Matplotlib's tab10 up to 10 runs, tab20 up to 20, then tab20 again."""
-    import matplotlib
-
-    palette = matplotlib.colormaps["tab10" if n <= 10 else "tab20"].colors
-    return [tuple(palette[i % len(palette)]) for i in range(n)]
-
-
-def _dice_chart(tables: Mapping[str, Sequence[Mapping]], order: Sequence[str]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _dice_chart(tables: Mapping[str, Sequence[Mapping]], order: Sequence[str]) -> Figure:
+    """The Dice table as bars: per modality and class a group, per run a bar of its mean (%) ± SD."""
     groups = [(m, c) for m in MODALITIES if tables.get(m) for c in CLASSES]
     present = {r["run"] for m in MODALITIES for r in tables.get(m, [])}
-    names = [name for name in order if name in present]
-    colors = run_colors(len(names))
-    width = 0.8 / max(len(names), 1)
-    legend_rows = math.ceil(len(names) / 4)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(groups), 4.0 + 0.25 * legend_rows))
-    for i, name in enumerate(names):
+    bars = {}
+    for name in (name for name in order if name in present):
         means, sds = [], []
         for modality, cls in groups:
             row = next((r for r in tables[modality] if r["run"] == name), None)
             means.append(100 * row[f"dice_{cls}_mean"] if row else math.nan)
             sds.append(100 * row[f"dice_{cls}_sd"] if row and math.isfinite(row[f"dice_{cls}_sd"]) else 0.0)
-        positions = np.arange(len(groups)) + (i - (len(names) - 1) / 2) * width
-        ax.bar(positions, means, width, yerr=sds, capsize=2, label=name, color=colors[i])
-    ax.set_xticks(np.arange(len(groups)))
-    ax.set_xticklabels([f"{MODALITY_TITLES[m]} {c}" for m, c in groups])
-    ax.set_ylabel("Dice (%), mean ± SD across folds")
-    ax.set_ylim(0, 100)
-    # below the axes: bars reach the top and bottom of the plot area
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(len(names), 4),
-              frameon=False)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+        bars[name] = (means, sds)
+    return bar_chart([f"{MODALITY_TITLES[m]} {c}" for m, c in groups], bars,
+                     ylabel="Dice (%), mean ± SD across folds", ylim=(0, 100))
 
 
 def write_report(
@@ -423,6 +402,39 @@ def write_report(
     Returns:
         ``{"tables": {modality: rows}, "significance": rows, "ablation": rows}``.
     """
+    names = [run.name for run in runs]  # the first line lists them as given
+    runs, baseline = _checked_runs(runs, baseline, metrics)
+    tables = {m: results_table(runs, m) for m in MODALITIES}
+    significance = significance_table(runs, baseline, metrics, alpha)
+    ablation = ablation_table(runs, baseline)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    unit = "(fold, seed) unit" if _seeded(runs) else "fold"
+    sections = _preamble(names, runs, baseline, unit)
+    for modality in MODALITIES:
+        if tables[modality]:
+            sections += ["", f"## {MODALITY_TITLES[modality]}: Dice, HD95, MSD (mean ± SD across folds)", "",
+                         _results_markdown(tables[modality])]
+            write_text_atomic(out / f"table_{modality}.csv", _csv(tables[modality]))
+    sections += _significance_section(runs, baseline, significance, alpha, unit)
+    sections += ["", "## Ablation view: mean Dice over liver and tumor and over CT and MRI", "",
+                 _ablation_markdown(ablation), "",
+                 f"% change of the mean against {baseline}."]
+    write_text_atomic(out / "report.md", "\n".join(sections) + "\n")
+    write_text_atomic(out / "significance.csv", _csv(significance))
+    write_text_atomic(out / "ablation.csv", _csv(ablation))
+    write_text_atomic(out / "folds.csv", _csv(_folds_rows(runs)))
+    save_figure(_dice_chart(tables, [run.name for run in runs]), out / "dice.png", dpi=DICE_DPI)
+    return {"tables": tables, "significance": significance, "ablation": ablation}
+
+
+def _checked_runs(runs: Sequence[Run], baseline: str | None, metrics: Sequence[str]) -> tuple[list[Run], str]:
+    """The runs with the baseline (default: the first run) moved to the front, and the baseline's name.
+
+    Raises:
+        AqcfError: no runs, two runs of one name, or an unknown metric.
+    """
     if not runs:
         raise AqcfError("no runs given")
     names = [run.name for run in runs]
@@ -433,35 +445,35 @@ def write_report(
         if metric not in METRICS:
             raise AqcfError(f"metric {metric!r} is not one of {METRICS}")
     # the baseline first: its row is the reference of the ablation view and the tests
-    runs = sorted(runs, key=lambda run: run.name != baseline)
+    return sorted(runs, key=lambda run: run.name != baseline), baseline
 
-    tables = {m: results_table(runs, m) for m in MODALITIES}
-    significance = significance_table(runs, baseline, metrics, alpha)
-    ablation = ablation_table(runs, baseline)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    max_folds = max((len(run.folds) for run in runs), default=0)
-    seeded = any("/seed" in key for run in runs for key in run.folds)
-    unit = "(fold, seed) unit" if seeded else "fold"
+def _seeded(runs: Sequence[Run]) -> bool:
+    """Whether the runs' units are (fold, seed) pairs rather than folds."""
+    return any("/seed" in key for run in runs for key in run.folds)
+
+
+def _preamble(names: Sequence[str], runs: Sequence[Run], baseline: str, unit: str) -> list[str]:
+    """The report's title, what its scores are, and the validation protocols the runs were selected by."""
     protocols = sorted(set().union(*(run.protocols for run in runs)))
     described = {"inner": "inner validation set from the training folds (the test fold untouched)",
                  "heldout": "the held-out test fold (the paper's reading: it also selected the checkpoint)",
                  "unknown": "not recorded (summaries written before the protocol was recorded)"}
-    sections = ["# Cross-validation report", "",
-                f"Runs: {', '.join(names)}. Baseline: {baseline}. Scores per {unit} are its per-case "
-                f"means; tables show mean ± SD (sample SD, ddof 1) across {unit}s"
-                + (" (folds × seeds; n counts them)." if seeded else "."),
-                "",
-                "Model selection (validation protocol): "
-                + "; ".join(f"{p}: {described.get(p, p)}" for p in protocols)
-                + (". **The runs were selected under different protocols.**" if len(protocols) > 1 else ".")]
-    for modality in MODALITIES:
-        if tables[modality]:
-            sections += ["", f"## {MODALITY_TITLES[modality]}: Dice, HD95, MSD (mean ± SD across folds)", "",
-                         _results_markdown(tables[modality])]
-            write_text_atomic(out / f"table_{modality}.csv", _csv(tables[modality]))
-    sections += ["", f"## Wilcoxon signed-rank tests against {baseline}", ""]
+    return ["# Cross-validation report", "",
+            f"Runs: {', '.join(names)}. Baseline: {baseline}. Scores per {unit} are its per-case "
+            f"means; tables show mean ± SD (sample SD, ddof 1) across {unit}s"
+            + (" (folds × seeds; n counts them)." if _seeded(runs) else "."),
+            "",
+            "Model selection (validation protocol): "
+            + "; ".join(f"{p}: {described.get(p, p)}" for p in protocols)
+            + (". **The runs were selected under different protocols.**" if len(protocols) > 1 else ".")]
+
+
+def _significance_section(
+    runs: Sequence[Run], baseline: str, significance: Sequence[Mapping], alpha: float, unit: str
+) -> list[str]:
+    """The Wilcoxon table against ``baseline`` and its footnote (the smallest p the folds allow)."""
+    sections = ["", f"## Wilcoxon signed-rank tests against {baseline}", ""]
     if significance:
         sections += [_significance_markdown(significance, alpha), ""]
     else:
@@ -474,18 +486,10 @@ def write_report(
         "exact two-sided p-value cannot go below 2/2^n, i.e. 0.0625 for 5 folds: with 5 folds no "
         "comparison can reach p < 0.05, before or after correction."
     )
+    max_folds = max((len(run.folds) for run in runs), default=0)
     if max_folds != DEFAULT_FOLDS:
         footnote += f" These runs have up to {max_folds} folds: p ≥ {_fmt_p(min_exact_p(max_folds))}."
-    sections += [footnote]
-    sections += ["", "## Ablation view: mean Dice over liver and tumor and over CT and MRI", "",
-                 _ablation_markdown(ablation), "",
-                 f"% change of the mean against {baseline}."]
-    write_text_atomic(out / "report.md", "\n".join(sections) + "\n")
-    write_text_atomic(out / "significance.csv", _csv(significance))
-    write_text_atomic(out / "ablation.csv", _csv(ablation))
-    write_text_atomic(out / "folds.csv", _csv(_folds_rows(runs)))
-    write_bytes_atomic(out / "dice.png", _dice_chart(tables, [run.name for run in runs]))
-    return {"tables": tables, "significance": significance, "ablation": ablation}
+    return sections + [footnote]
 
 
 #: what :func:`write_report` writes into its folder (``--overwrite`` replaces them)

@@ -5,7 +5,7 @@ After each forward pass the network records its gates as a dict
 (B, 1, 1, 1, 1) is flattened the same way). :class:`GateRecorder` collects those dicts over the test
 set; :meth:`GateRecorder.table` gives the median and interquartile range per stage and direction, as
 Table 6 reports them; :func:`write_gate_table` writes it as Markdown and CSV; :func:`plot_gates` draws
-a box plot per stage and direction.
+a box plot per stage and direction (with :func:`aqcf.visualize.charts.box_chart`).
 
 The same recorder also collects the network's ``last_context_rms`` from unimodal passes (eq. 17): the
 RMS of the gated context ``λ · C_raw`` the present stream receives from the zero-filled absent stream.
@@ -26,12 +26,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from aqcf.errors import AqcfError
 from aqcf.io import write_text_atomic
-from aqcf.visualize import save_figure
+from aqcf.visualize.canvas import save_figure
+from aqcf.visualize.charts import box_chart
 
 __all__ = [
     "DIRECTIONS",
@@ -48,7 +47,6 @@ __all__ = [
 DIRECTIONS = ("mri_to_ct", "ct_to_mri")
 DIRECTION_LABELS = {"mri_to_ct": "MRI → CT (λ_mri→ct)", "ct_to_mri": "CT → MRI (λ_ct→mri)"}
 _KEY = re.compile(r"^stage(\d+)/(([a-z][a-z0-9_]*?)_to_([a-z][a-z0-9_]*))$")
-_COLOURS = ("#d95f02", "#1b9e77", "#7570b3", "#e7298a", "#66a61e", "#e6ab02")
 
 
 class GateRow(NamedTuple):
@@ -234,7 +232,7 @@ def plot_gates(
 
     Raw values (a recorder or ``{(stage, direction): values}``) give ordinary box plots (whiskers at
     1.5 IQR, outliers as points); Table 6 rows give boxes of the median and IQR without whiskers,
-    since the rows do not hold the extremes.
+    since the rows do not hold the extremes (:func:`aqcf.visualize.charts.box_chart` draws them).
 
     Args:
         data: a :class:`GateRecorder`, raw values, or rows from :meth:`GateRecorder.table`.
@@ -244,68 +242,48 @@ def plot_gates(
     Returns:
         The path written.
     """
-    if isinstance(data, GateRecorder):
-        data = data.values()
-    raw = isinstance(data, Mapping)
-    keys = sorted(data if raw else {(row.stage, row.direction) for row in data}, key=_order)
-    if not keys:
+    series, summarised = _gate_series(data)
+    if not series:
         raise AqcfError(f"{path}: no gate values to plot")
-    stages = sorted({stage for stage, _ in keys})
-    directions = _directions(keys)
-    width = 0.7 / len(directions)
-    colours = {d: _COLOURS[i % len(_COLOURS)] for i, d in enumerate(directions)}
-
-    fig = Figure(figsize=(1.4 * len(stages) + 2.5, 3.6))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for i, direction in enumerate(directions):
-        offset = (i - (len(directions) - 1) / 2) * width
-        present = [s for s in stages if (s, direction) in keys]
-        if not present:
-            continue
-        positions = [s + offset for s in present]
-        style = {
-            "positions": positions,
-            "widths": width * 0.9,
-            "patch_artist": True,
-            "medianprops": {"color": "black"},
-            "boxprops": {"facecolor": colours[direction], "alpha": 0.8},
-        }
-        if raw:
-            artists = ax.boxplot(
-                [np.asarray(data[(s, direction)], dtype=np.float64) for s in present], **style
-            )
-        else:
-            by_key = {(row.stage, row.direction): row for row in data}
-            stats = [
-                {
-                    "med": by_key[(s, direction)].median,
-                    "q1": by_key[(s, direction)].q1,
-                    "q3": by_key[(s, direction)].q3,
-                    "whislo": by_key[(s, direction)].q1,
-                    "whishi": by_key[(s, direction)].q3,
-                    "fliers": [],
-                }
-                for s in present
-            ]
-            artists = ax.bxp(stats, showfliers=False, showcaps=False, **style)
-        artists["boxes"][0].set_label(_label(direction))
-    ax.set_xticks(stages)
-    ax.set_xticklabels([f"Stage {s}" for s in stages])
-    ax.set_ylabel("gate value λ")
-    if _within_unit(data, raw):
-        ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=8, loc="best")
-    if title:
-        ax.set_title(title)
-    fig.tight_layout()
+    stages = sorted({stage for by_stage in series.values() for stage in by_stage})
+    fig = box_chart(
+        series,
+        {stage: f"Stage {stage}" for stage in stages},
+        summarised=summarised,
+        ylabel="gate value λ",
+        # λ comes from a sigmoid; fix the axis to [0, 1] then so that plots of different runs compare
+        ylim=(-0.02, 1.02) if _within_unit(series) else None,
+        title=title,
+    )
     return save_figure(fig, path)
 
 
-def _within_unit(data: object, raw: bool) -> bool:
-    # λ comes from a sigmoid; fix the axis to [0, 1] then so that plots of different runs compare
-    if raw:
-        values = np.concatenate([np.asarray(v, dtype=np.float64).reshape(-1) for v in data.values()])
+def _gate_series(
+    data: Sequence[GateRow] | Mapping[tuple[int, str], Sequence[float]] | GateRecorder,
+) -> tuple[dict[str, dict[int, np.ndarray]], bool]:
+    """The plot's boxes: ``{direction label: {stage: values}}`` in Table 6's direction order.
+
+    Returns:
+        (series, summarised): raw λ values per box, or for Table 6 rows ``(q1, median, q3)`` per box
+        and ``summarised`` True.
+    """
+    if isinstance(data, GateRecorder):
+        data = data.values()
+    if isinstance(data, Mapping):
+        boxes = {key: np.asarray(values, dtype=np.float64).reshape(-1) for key, values in data.items()}
+        summarised = False
     else:
-        values = np.asarray([[row.q1, row.q3] for row in data], dtype=np.float64)
+        boxes = {(row.stage, row.direction): np.asarray([row.q1, row.median, row.q3]) for row in data}
+        summarised = True
+    series: dict[str, dict[int, np.ndarray]] = {}
+    for direction in _directions(boxes):
+        series[_label(direction)] = {
+            stage: boxes[(stage, d)] for stage, d in sorted(boxes, key=_order) if d == direction
+        }
+    return series, summarised
+
+
+def _within_unit(series: Mapping[str, Mapping[int, np.ndarray]]) -> bool:
+    """Whether every plotted value (or quartile) lies in [0, 1]."""
+    values = np.concatenate([np.ravel(v) for by_stage in series.values() for v in by_stage.values()])
     return bool(values.size and values.min() >= 0 and values.max() <= 1 and not math.isnan(values.sum()))
