@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 
-import matplotlib.image as mpimg
 import numpy as np
 import pytest
 import torch
+from matplotlib.colors import to_rgb
 
 from aqcf.errors import AqcfError
+from aqcf.explain import gates as gates_module
 from aqcf.explain.gates import GateRecorder, GateRow, plot_gates, write_gate_table
+from tests.pictures import colour_at, keep_figures, read_png
 
 
 def _recorder():
@@ -89,12 +91,25 @@ def test_gate_table_with_the_absent_stream_context(tmp_path):
 
 
 @pytest.mark.parametrize("source", ["recorder", "rows"])
-def test_plot_gates(tmp_path, source):
+def test_plot_gates(tmp_path, source, monkeypatch):
     recorder = _recorder()
     data = recorder if source == "recorder" else recorder.table()
+    drawn = {}
+    keep_figures(monkeypatch, gates_module, drawn)
     path = plot_gates(data, tmp_path / "gates.png", title="λ")
-    pixels = mpimg.imread(path)[..., :3]
-    assert pixels.std() > 0 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1
+    pixels = read_png(path)
+    ax = drawn["gates.png"].axes[0]
+    # the boxes of the PNG, from the quartiles of test_table_from_known_values: MRI -> CT (first colour)
+    # 0.175 left of each stage, CT -> MRI (second colour) 0.175 right, facecolour at opacity 0.8 on white
+    mri_to_ct, ct_to_mri = (0.8 * np.asarray(to_rgb(c)) + 0.2 for c in ("#d95f02", "#1b9e77"))
+    np.testing.assert_allclose(colour_at(pixels, ax, 0.825, 0.4), mri_to_ct, atol=0.03)  # stage 1: 0.3..0.7
+    np.testing.assert_allclose(colour_at(pixels, ax, 1.175, 0.42), ct_to_mri, atol=0.03)  # stage 1: 0.35..0.65
+    np.testing.assert_allclose(colour_at(pixels, ax, 2.175, 0.45), ct_to_mri, atol=0.03)  # stage 2: 0.375..0.625
+    for y in (0.2, 0.8):  # outside stage 2's CT -> MRI box: the white background
+        np.testing.assert_allclose(colour_at(pixels, ax, 2.175, y), 1.0, atol=0.02)
+    assert ax.get_ylim() == (-0.02, 1.02)  # every λ in [0, 1]: the fixed axis
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["Stage 1", "Stage 2"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MRI → CT (λ_mri→ct)", "CT → MRI (λ_ct→mri)"]
 
 
 def test_three_stream_gates_get_a_column_per_direction_and_the_absent_contexts(tmp_path):
