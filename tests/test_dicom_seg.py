@@ -73,7 +73,7 @@ def test_a_folder_with_two_series_is_one_error_listing_them(two_series, ckpt, tm
 
 
 def test_series_chosen_by_uid_is_that_series_alone(two_series, ckpt, tmp_path):
-    from aqcf.inference.dicom import read_dicom_series
+    from aqcf.data.dicom import read_dicom_series
 
     folder, first, second, _ = two_series
     for uid, name in ((first, "a"), (second, "b")):

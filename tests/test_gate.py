@@ -22,8 +22,8 @@ from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 from aqcf.cli import main
 from aqcf.data import gate
 from aqcf.data.cohorts import Case
+from aqcf.data.dicom import read_dicom_series
 from aqcf.errors import AqcfError
-from aqcf.inference.dicom import read_dicom_series
 from tests.dicom_writer import write_ct_slice
 
 NAN_VOXELS = 12  # the partly-NaN scan holds exactly this many NaN voxels

@@ -15,11 +15,11 @@ Labels: ``liver`` -> 1; liver-tumor folders -> 2, overriding 1. Liver-tumor fold
 :data:`IRCADB_LIVER_TUMOR_PATTERN`: ``livertumor``, ``livertumors``, ``livertumor01`` ... ``livertumor07``,
 ``livertumor1``, ``livertumor2``. Not liver tumor: ``tumor`` (patient 7: an adrenal lesion in the official
 table), ``leftsurretumor`` / ``rightsurretumor`` (adrenal), ``liverkyst`` (cysts) and every other
-structure. Slices are ordered by ImagePositionPatient projected on the slice normal (InstanceNumber if
-positions are missing), never by file name; the affine comes from ImagePositionPatient,
-ImageOrientationPatient, PixelSpacing and the slice step, converted from DICOM's LPS to NIfTI's RAS.
-Image and mask slices pass the input gate first (:mod:`aqcf.data.gate`: monochrome single-frame
-slices of one size, pixel spacing and orientation, evenly spaced), and so does the stacked volume.
+structure. The image slices are stacked by :func:`aqcf.data.dicom.dicom_series_to_volume` (ordered by
+ImagePositionPatient projected on the slice normal, never by file name; the affine converted from
+DICOM's LPS to NIfTI's RAS); image and mask slices pass the input gate first (:mod:`aqcf.data.gate`:
+monochrome single-frame slices of one size, pixel spacing and orientation, evenly spaced), and so does
+the stacked volume. Each mask slice is placed at the image slice with its position.
 
 LiverHccSeg: the release's file layout is not confirmed; :func:`read_liverhccseg` takes the phase, the
 rater and the file-name patterns as arguments (defaults in ``docs/evaluation.md``).
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import io
 import json
 import os
 import re
@@ -38,14 +37,15 @@ import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from aqcf.constants import CT, MRI, check_modality
+from aqcf.constants import CT, LIVER, MRI, TUMOR, check_modality
 from aqcf.data import gate
-from aqcf.data.cohorts import AFFINE_TOLERANCE_MM, Case, natural_key, register_reader
+from aqcf.data.cohorts import Case, natural_key, register_reader
+from aqcf.data.dicom import dicom_series_to_volume, read_dataset, same_slice_tolerance, slice_positions
+from aqcf.data.gate import SAME_GRID_TOLERANCE_MM
 from aqcf.errors import AqcfError
-from aqcf.io import atomic_path, save_nifti_atomic, write_json_atomic
+from aqcf.io import atomic_path, is_nifti_name, nifti_image, save_nifti_atomic, write_json_atomic
 
 __all__ = [
     "IRCADB_LIVER_FOLDER",
@@ -55,7 +55,6 @@ __all__ = [
     "is_ircadb_liver_tumor",
     "convert_ircadb_patient",
     "read_ircadb",
-    "dicom_series_to_volume",
     "read_liverhccseg",
 ]
 
@@ -63,14 +62,8 @@ IRCADB_PATIENT_PATTERN = re.compile(r"^3Dircadb1\.(\d+)$", re.IGNORECASE)
 IRCADB_LIVER_FOLDER = "liver"
 IRCADB_LIVER_TUMOR_PATTERN = r"^livertumor(s|\d+)?$"
 IMAGES, LABELS = "imagesTs", "labelsTs"
-LIVER_LABEL, TUMOR_LABEL = 1, 2
 # bump when the conversion's output would change for the same sources
 CONVERTER_VERSION = 1
-# slice positions closer than this (mm) count as the same slice; spacing may vary by this much
-POSITION_TOLERANCE_MM = 1e-2
-SPACING_RELATIVE_TOLERANCE = 1e-2
-# DICOM patient coordinates are LPS, NIfTI's are RAS
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 SEARCH_DEPTH = 3
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 # words that mark a LiverHccSeg file as a mask, never an image
@@ -128,111 +121,7 @@ def _cache_is_current(record: Path, outputs: Sequence[Path], signature: dict) ->
         return False
 
 
-def _nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    image = nib.Nifti1Image(data, affine)
-    image.set_qform(affine, code=1)  # scanner coordinates
-    image.set_sform(affine, code=1)
-    image.header.set_xyzt_units("mm")
-    return image
-
-
-# ------------------------------------------------------------------------------------------ DICOM
-
-
-def _dcmread(source: Path | bytes, name: str):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else source
-        return pydicom.dcmread(handle, force=True)
-    except (InvalidDicomError, OSError, ValueError, EOFError) as err:
-        raise AqcfError(f"{name}: cannot read as DICOM ({err})") from err
-
-
-def _slice_normal(datasets: Sequence, name: str) -> np.ndarray | None:
-    """The slice normal of a series whose slices share one orientation (:func:`gate.check_dicom_slices`)."""
-    orientations = [getattr(ds, "ImageOrientationPatient", None) for ds in datasets]
-    if any(o is None for o in orientations):
-        return None
-    first = np.asarray(orientations[0], dtype=float)
-    return np.cross(first[:3], first[3:])
-
-
-def _slice_positions(datasets: Sequence, name: str) -> tuple[np.ndarray, str]:
-    """One scalar per slice that orders the series and its kind: ``"position"`` (mm) or ``"instance"``."""
-    normal = _slice_normal(datasets, name)
-    positions = [getattr(ds, "ImagePositionPatient", None) for ds in datasets]
-    if normal is not None and all(p is not None for p in positions):
-        return np.array([float(np.dot(normal, np.asarray(p, dtype=float))) for p in positions]), "position"
-    if all(getattr(ds, "InstanceNumber", None) is not None for ds in datasets):
-        return np.array([float(ds.InstanceNumber) for ds in datasets]), "instance"
-    raise AqcfError(f"{name}: slices have neither ImagePositionPatient nor InstanceNumber to order them")
-
-
-def dicom_series_to_volume(
-    datasets: Sequence, name: str = "DICOM series", rescale: bool = True
-) -> tuple[np.ndarray, np.ndarray, list]:
-    """Stack single-frame DICOM slices into a volume in NIfTI (RAS) world coordinates.
-
-    Args:
-        datasets: the slices (pydicom datasets), in any order.
-        name: how error messages name the series (its folder).
-        rescale: apply RescaleSlope / RescaleIntercept (CT: stored values -> HU).
-
-    Returns:
-        ``(volume, affine, ordered)``: volume (columns, rows, slices) = (X, Y, Z), HU when rescaled,
-        slices ordered by position along the slice normal (by InstanceNumber if positions are
-        missing); the 4×4 voxel-to-RAS affine in mm; the datasets in volume order.
-
-    Raises:
-        AqcfError: The slices fail the input gate (:func:`aqcf.data.gate.check_dicom_slices`: not
-            monochrome single-frame, or differing size, pixel spacing or orientation), share a
-            position, are unevenly spaced, or stack to a volume the gate refuses (one slice, a
-            degenerate affine, non-finite values).
-    """
-    from pydicom.pixels import apply_rescale
-
-    if not datasets:
-        raise AqcfError(f"{name}: no DICOM slices")
-    gate.check_dicom_slices(datasets, name)
-    keys, kind = _slice_positions(datasets, name)
-    order = np.argsort(keys, kind="stable")
-    keys = keys[order]
-    if np.any(np.diff(keys) < (POSITION_TOLERANCE_MM if kind == "position" else 0.5)):
-        raise AqcfError(f"{name}: two slices share one position")
-    datasets = [datasets[i] for i in order]
-    slices = []
-    for ds in datasets:
-        try:
-            pixels = ds.pixel_array
-        except Exception as err:  # pydicom raises many types for missing or undecodable pixel data
-            raise AqcfError(f"{gate.dicom_slice_name(ds, name)}: cannot decode pixel data ({err})") from err
-        # pixel_array is (rows, columns); NIfTI's first axis runs along a row (the column index)
-        slices.append((apply_rescale(pixels, ds) if rescale else pixels).T)
-    volume = np.stack(slices, axis=-1)
-
-    first = datasets[0]
-    row_spacing, column_spacing = (float(v) for v in getattr(first, "PixelSpacing", (1.0, 1.0)))
-    orientation = np.asarray(getattr(first, "ImageOrientationPatient", (1, 0, 0, 0, 1, 0)), dtype=float)
-    row_cosine, column_cosine = orientation[:3], orientation[3:]
-    normal = np.cross(row_cosine, column_cosine)
-    origin = np.asarray(getattr(first, "ImagePositionPatient", (0.0, 0.0, 0.0)), dtype=float)
-    if kind == "position" and len(datasets) > 1:
-        gate.check_slice_spacing(keys, name, POSITION_TOLERANCE_MM, SPACING_RELATIVE_TOLERANCE)
-        last = np.asarray(datasets[-1].ImagePositionPatient, dtype=float)
-        step = (last - origin) / (len(datasets) - 1)
-    else:
-        thickness = getattr(first, "SpacingBetweenSlices", None) or getattr(first, "SliceThickness", None)
-        step = normal * float(thickness or 1.0)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_cosine * column_spacing
-    affine_lps[:3, 1] = column_cosine * row_spacing
-    affine_lps[:3, 2] = step
-    affine_lps[:3, 3] = origin
-    affine = LPS_TO_RAS @ affine_lps
-    gate.check_array(name, volume, affine)
-    return volume, affine, datasets
+# ------------------------------------------------------------------------------------- 3D-IRCADb-01
 
 
 def is_ircadb_liver_tumor(structure: str, pattern: str = IRCADB_LIVER_TUMOR_PATTERN) -> bool:
@@ -310,10 +199,10 @@ class _PatientSources:
     def _read(self, folder: Path, archive: Path, top: str, group: str) -> list:
         if folder.is_dir():
             target = folder / group if group else folder
-            return [_dcmread(p, str(p)) for p in self._dir_files(target)]
+            return [read_dataset(p, str(p), force=True) for p in self._dir_files(target)]
         members = self._zip_members(archive, top).get(group, [])
         with zipfile.ZipFile(archive) as handle:
-            return [_dcmread(handle.read(m), f"{archive}:{m}") for m in sorted(members)]
+            return [read_dataset(handle.read(m), f"{archive}:{m}", force=True) for m in sorted(members)]
 
     def image_slices(self) -> list:
         return self._read(self.image_dir, self.image_zip, "PATIENT_DICOM", "")
@@ -329,13 +218,13 @@ def _mask_volume(datasets: Sequence, image_slices: Sequence, shape: tuple, name:
     no positions.
     """
     gate.check_dicom_slices(datasets, name)
-    keys, kind = _slice_positions(datasets, name)
-    image_keys, image_kind = _slice_positions(image_slices, name)
+    keys, kind = slice_positions(datasets, name)
+    image_keys, image_kind = slice_positions(image_slices, name)
     if kind != image_kind:
         if kind != "instance" or any(getattr(ds, "InstanceNumber", None) is None for ds in image_slices):
             raise AqcfError(f"{name}: mask slices ordered by {kind} but the image slices cannot be")
         image_keys = np.array([float(ds.InstanceNumber) for ds in image_slices])
-    tolerance = POSITION_TOLERANCE_MM if kind == "position" else 0.5
+    tolerance = same_slice_tolerance(kind)
     volume = np.zeros(shape, dtype=bool)
     for key, ds in zip(keys, datasets, strict=True):
         index = int(np.argmin(np.abs(image_keys - key)))
@@ -394,18 +283,18 @@ def convert_ircadb_patient(
 
     label = _merge_masks(volume.shape, (  # tumor comes after liver, so 2 overrides 1
         (value, _mask_volume(sources.mask_slices(s), image_slices, volume.shape, f"{folder}/MASKS_DICOM/{s}"))
-        for s, value in [(s, LIVER_LABEL) for s in livers] + [(s, TUMOR_LABEL) for s in tumors]
+        for s, value in [(s, LIVER) for s in livers] + [(s, TUMOR) for s in tumors]
     ))
 
-    save_nifti_atomic(_nifti(volume, affine), image_path)
-    save_nifti_atomic(_nifti(label, affine), label_path)
+    save_nifti_atomic(nifti_image(volume, affine), image_path)
+    save_nifti_atomic(nifti_image(label, affine), label_path)
     write_json_atomic(record, {
         "signature": signature,
         "source": str(folder),
         "liver": livers,
         "liver_tumor": tumors,
         "ignored": [s for s in structures if s not in livers and s not in tumors],
-        "slice_order": _slice_positions(image_slices, str(folder))[1],
+        "slice_order": slice_positions(image_slices, str(folder))[1],
     })
     return case
 
@@ -470,7 +359,7 @@ def _match_one(
 
 def _as_nifti(path: Path, cache: Path) -> Path:
     """``path`` itself if NIfTI, else a NIfTI copy in ``cache`` (converted with SimpleITK)."""
-    if path.name.lower().endswith((".nii", ".nii.gz")):
+    if is_nifti_name(path):
         return path
     import SimpleITK as sitk
 
@@ -510,7 +399,7 @@ def _liverhccseg_case_folders(root: Path, image_glob: str) -> list[Path]:
 def _mask_on_grid(path: Path, converted: Path, image: Path, shape: tuple, affine: np.ndarray) -> np.ndarray:
     """The boolean mask of ``path`` (any value > 0), which must lie on the image's voxel grid."""
     mask = gate.load_volume(_as_nifti(path, converted))
-    same_grid = mask.array.shape == shape and np.allclose(mask.affine, affine, atol=AFFINE_TOLERANCE_MM)
+    same_grid = mask.array.shape == shape and np.allclose(mask.affine, affine, atol=SAME_GRID_TOLERANCE_MM)
     if not same_grid:
         raise AqcfError(f"{path}: voxel grid {mask.shape} differs from the image {image.name} {shape}")
     return mask.array > 0
@@ -533,7 +422,7 @@ def _liverhccseg_case(folder: Path, image: Path, masks: dict[int, Path | None], 
             (value, _mask_on_grid(path, converted, image, shape, affine))
             for value, path in masks.items() if path is not None
         ))
-        save_nifti_atomic(_nifti(label, affine), label_path)
+        save_nifti_atomic(nifti_image(label, affine), label_path)
         write_json_atomic(record, {"signature": signature, "image": str(image)})
     return Case(id=folder.name, modality=MRI, image=image_nifti, label=label_path)
 
@@ -605,10 +494,10 @@ def read_liverhccseg(
         files = _image_files(folder, recursive=True)
         image = _match_one(files, image_glob, folder, "image", _is_mask)
         masks = {
-            LIVER_LABEL: _match_one(files, liver_glob, folder, "liver mask", _no_file),
-            TUMOR_LABEL: _match_one(files, tumor_glob, folder, "tumor mask", _no_file),
+            LIVER: _match_one(files, liver_glob, folder, "liver mask", _no_file),
+            TUMOR: _match_one(files, tumor_glob, folder, "tumor mask", _no_file),
         }
-        globs = {LIVER_LABEL: ("liver", liver_glob), TUMOR_LABEL: ("tumor", tumor_glob)}
+        globs = {LIVER: ("liver", liver_glob), TUMOR: ("tumor", tumor_glob)}
         missing = [f"{what} ({glob!r})" for value, (what, glob) in globs.items() if masks[value] is None]
         if missing and missing_mask == "error":
             raise AqcfError(f"{folder}: no {' or '.join(missing)} mask of rater {rater!r}")

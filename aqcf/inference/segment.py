@@ -47,10 +47,9 @@ import numpy as np
 from aqcf.constants import MODALITIES
 from aqcf.errors import AqcfError, first_line
 from aqcf.inference.postprocess import POSTPROCESSING
-from aqcf.io import check_output, child_path, safe_name, save_nifti_atomic
+from aqcf.io import check_output, child_path, is_nifti_name, nifti_image, nifti_stem, safe_name, save_nifti_atomic
 
 __all__ = [
-    "NIFTI_SUFFIXES",
     "DEFAULT_SUFFIX",
     "PROBABILITIES_SUFFIX",
     "PROBABILITIES_KEY",
@@ -66,7 +65,6 @@ __all__ = [
     "main",
 ]
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 DEFAULT_SUFFIX = "_seg"
 #: appended to ``<stem><suffix>`` for the ``--save-probabilities`` file
 PROBABILITIES_SUFFIX = "_probabilities.npz"
@@ -90,15 +88,9 @@ class Scan:
     series: str | None = None
 
 
-def _stem(path: Path) -> str:
-    for suffix in NIFTI_SUFFIXES:
-        if path.name.endswith(suffix):
-            return path.name[: -len(suffix)]
-    return path.name
-
-
 def _is_nifti(path: Path) -> bool:
-    return path.name.endswith(NIFTI_SUFFIXES) and not path.name.startswith(".")
+    """A NIfTI file name (:func:`aqcf.io.is_nifti_name`), hidden files left out."""
+    return is_nifti_name(path) and not path.name.startswith(".")
 
 
 def find_scans(inputs: Sequence[str | Path], series: str | None = None) -> list[Scan]:
@@ -110,7 +102,7 @@ def find_scans(inputs: Sequence[str | Path], series: str | None = None) -> list[
     Every NIfTI scan's header then passes the input gate (:func:`aqcf.data.gate.read_header`: one 3D
     volume, a valid affine, an uncompressed file as long as its header says); the voxels are checked
     when each scan is read for segmentation (complete file, finite values). A DICOM folder's series are
-    listed (:func:`aqcf.inference.dicom.choose_series`): one series, or the one ``series`` names.
+    listed (:func:`aqcf.data.dicom.choose_series`): one series, or the one ``series`` names.
 
     Raises:
         AqcfError: a missing input, a file that is not NIfTI, a folder with neither, two scans with
@@ -118,7 +110,7 @@ def find_scans(inputs: Sequence[str | Path], series: str | None = None) -> list[
             named in one :class:`aqcf.data.gate.CaseErrors`).
     """
     from aqcf.data.cohorts import natural_key
-    from aqcf.inference.dicom import choose_series, is_dicom_folder
+    from aqcf.data.dicom import choose_series, is_dicom_folder
 
     scans: list[Scan] = []
     for given in inputs:
@@ -126,12 +118,12 @@ def find_scans(inputs: Sequence[str | Path], series: str | None = None) -> list[
         if path.is_file():
             if not _is_nifti(path):
                 raise AqcfError(f"{path}: not a NIfTI file (.nii, .nii.gz); give a DICOM series as its folder")
-            scans.append(Scan(_stem(path), path, NIFTI))
+            scans.append(Scan(nifti_stem(path), path, NIFTI))
         elif path.is_dir():
             files = [p for p in path.iterdir() if p.is_file() and _is_nifti(p)]
             files.sort(key=lambda p: natural_key(p.name))
             if files:
-                scans += [Scan(_stem(p), p, NIFTI) for p in files]
+                scans += [Scan(nifti_stem(p), p, NIFTI) for p in files]
             elif is_dicom_folder(path):
                 scans.append(Scan(path.resolve().name, path, DICOM, choose_series(path, series).uid))
             else:
@@ -287,12 +279,14 @@ def _opened(scan: Scan) -> Iterator[tuple[Path, nib.spatialimages.SpatialImage, 
             raise AqcfError(f"{scan.source}: unreadable NIfTI file ({first_line(err)})") from err
         yield scan.source, image, None
         return
-    from aqcf.inference.dicom import dicom_series_to_nifti, read_series_slices
+    from aqcf.data.dicom import read_series_slices
 
     volume, affine, slices = read_series_slices(scan.source, scan.series)
     with tempfile.TemporaryDirectory(prefix="aqcf-dicom-") as tmp:
+        # the NIfTI input path then reads it as it reads any scan; the mask is written on its grid
         path = Path(tmp) / f"{scan.name}.nii.gz"
-        yield path, dicom_series_to_nifti(scan.source, path, volume=(volume, affine)), slices
+        nib.save(nifti_image(volume, affine), os.fspath(path))
+        yield path, nib.load(os.fspath(path)), slices
 
 
 def write_probabilities(path: str | Path, probabilities: np.ndarray) -> Path:
