@@ -8,9 +8,13 @@ import matplotlib.image as mpimg
 import nibabel as nib
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 
 from aqcf.cli import main as aqcf_main
+from aqcf.visualize import curves as curves_module
+from aqcf.visualize import figures as figures_module
 from aqcf.visualize.curves import aggregate_runs, read_metrics_csv
+from tests.pictures import blue, colour_at, grey, keep_figures, near, ras_cell, read_png, red
 
 HEADER = ["epoch", "step", "train/loss", "train/dice_mean", "val/loss", "val/dice_mean", "val/dice_ct_tumor"]
 
@@ -28,11 +32,6 @@ def _write_run(folder, epochs, offset=0.0):
         lines.append(f"{e},{step},,,{loss + 0.1},{dice - 0.05},{dice - 0.2}")
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-def _not_blank(png):
-    pixels = mpimg.imread(png)[..., :3]
-    return pixels.std() > 0 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 1
 
 
 def test_read_metrics_csv_sparse_rows_and_step_means(tmp_path):
@@ -62,21 +61,33 @@ def test_aggregate_runs_mean_and_bands():
     assert (low[0], high[0]) == (1.0, 3.0)
 
 
-def test_curves_command_writes_png(tmp_path):
+def test_curves_command_writes_png(tmp_path, monkeypatch):
     _write_run(tmp_path / "fold0", 4)
     _write_run(tmp_path / "fold1", 3, offset=0.05)
+    drawn = {}
+    keep_figures(monkeypatch, curves_module, drawn)
     out = tmp_path / "fig4.png"
     assert (
         aqcf_main(["figures", "curves", str(tmp_path / "fold0"), str(tmp_path / "fold1"), "--out", str(out)])
         == 0
     )
-    assert _not_blank(out)
+    # the mean of the two runs lies on the line of its metric, in its panel: training solid in the first
+    # colour, validation dashed in the second; epoch 3 has fold 0 only
+    train, val = to_rgb("C0"), to_rgb("C1")
+    pixels = read_png(out)
+    loss, dice = drawn["fig4.png"].axes
+    assert near(pixels, loss, 1, (0.5 + 0.55) / 2, train) and near(pixels, loss, 3, 0.25, train)
+    assert near(pixels, loss, 1, (0.6 + 0.65) / 2, val, radius=4)
+    assert near(pixels, dice, 2, (0.7 + 0.75) / 2, train) and near(pixels, dice, 2, (0.65 + 0.7) / 2, val, radius=4)
+    assert not near(pixels, loss, 2, (0.7 + 0.75) / 2, train)  # the Dice curve is not in the loss panel
     out2 = tmp_path / "fig4b.png"
     assert (
         aqcf_main(["figures", "curves", str(tmp_path), "--out", str(out2), "--band", "minmax", "--per-class"])
         == 0
     )
-    assert _not_blank(out2)
+    per_class = drawn["fig4b.png"].axes[2]
+    assert [line.get_label() for line in per_class.lines] == ["val/dice_ct_tumor (n=2)"]
+    assert near(read_png(out2), per_class, 1, (0.4 + 0.45) / 2, train, radius=4)
 
 
 def test_curves_without_metrics_names_the_folder(tmp_path, capsys):
@@ -110,8 +121,10 @@ def _case(tmp_path):
     )
 
 
-def test_qualitative_command_writes_png(tmp_path):
+def test_qualitative_command_writes_png(tmp_path, monkeypatch):
     image, gt, pred, _ = _case(tmp_path)
+    drawn = {}
+    keep_figures(monkeypatch, figures_module, drawn)
     out = tmp_path / "fig5.png"
     argv = [
         "figures",
@@ -126,10 +139,27 @@ def test_qualitative_command_writes_png(tmp_path):
         pred,
     ]
     assert aqcf_main([*argv, "--out", str(out), "--slices", "2"]) == 0
-    assert _not_blank(out)
     pixels = mpimg.imread(out)[..., :3]
     assert (pixels[..., 0] - pixels[..., 1:].max(axis=-1) > 0.3).any()  # liver red
     assert (pixels[..., 2] - pixels[..., :2].max(axis=-1) > 0.3).any()  # tumor blue
+    _check_qualitative_colours(read_png(out), drawn["fig5.png"])
+
+
+def _check_qualitative_colours(pixels, fig):
+    """Both rows (z = 3, 4) of :func:`_case`'s figure: the ground truth's tumor (x 12..17, y 12..17) and
+    the predictions' (y 14..19) blue, their livers red, at the voxels' places in radiological view."""
+    panels = [ax for ax in fig.axes if ax.images]
+    assert [ax.get_title() for ax in panels[:3]] == ["ground truth", "A-QCF-Net", "pred"]
+    assert [ax.get_ylabel() for ax in panels[::3]] == ["z = 3", "z = 4"]
+    shape = (32, 32)
+    for ax in panels:
+        truth = ax in panels[::3]
+        # voxel (12, 12): tumor in the ground truth, liver in the predictions; (12, 19) the other way
+        assert blue(colour_at(pixels, ax, *ras_cell(12, 12, shape))) == truth
+        assert red(colour_at(pixels, ax, *ras_cell(12, 12, shape))) != truth
+        assert red(colour_at(pixels, ax, *ras_cell(12, 19, shape))) == truth
+        assert blue(colour_at(pixels, ax, *ras_cell(12, 19, shape))) != truth
+        assert grey(colour_at(pixels, ax, *ras_cell(2, 2, shape)))
 
 
 def test_qualitative_shape_mismatch_names_the_file(tmp_path, capsys):
