@@ -70,10 +70,18 @@ def grey(pixels: np.ndarray, tol: float = 2.5 / 255) -> np.ndarray:
     return (np.ptp(pixels, axis=-1) <= tol)
 
 
+def view_cell(x: int, y: int, shape_xy: tuple[int, int], codes: str) -> tuple[int, int]:
+    """(column, row) of voxel (x, y) of an axial slice in radiological view: the patient's right on the
+    viewer's left, anterior on top; ``codes`` the volume's axis codes (``"RAS"``: x toward the right,
+    y toward anterior; ``"LAS"``: x toward the left, ...)."""
+    column = shape_xy[0] - 1 - x if codes[0] == "R" else x
+    row = shape_xy[1] - 1 - y if codes[1] == "A" else y
+    return column, row
+
+
 def ras_cell(x: int, y: int, shape_xy: tuple[int, int]) -> tuple[int, int]:
-    """(column, row) of voxel (x, y) of an RAS slice in radiological view: the patient's right (large x)
-    on the viewer's left, anterior (large y) on top."""
-    return shape_xy[0] - 1 - x, shape_xy[1] - 1 - y
+    """:func:`view_cell` of an RAS slice: the largest x in the first column, the largest y in the top row."""
+    return view_cell(x, y, shape_xy, "RAS")
 
 
 def keep_figures(monkeypatch, module, into: dict) -> None:

@@ -11,8 +11,14 @@ import matplotlib.image
 import nibabel as nib
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 
 from aqcf.cli import main
+from aqcf.explain import gates as gates_module
+from aqcf.visualize import canvas, pick_slices
+from tests.pictures import blue, colour_at, grey, keep_figures, near, panel, read_png, red, view_cell
+
+DRAWN: dict = {}  # file name -> the figure `aqcf explain` saved there (the module's run)
 
 FILES = ("saliency.csv", "summary.json", "summary.md", "saliency.png", "feature_maps.png",
          "gates.md", "gates.csv", "gates.png")
@@ -36,7 +42,10 @@ def _rows(out) -> list[dict]:
 def explained(tiny_run, tiny_phantoms, tmp_path_factory):
     """``aqcf explain`` on the run's own held-out cases (fold 0 validation), two per modality."""
     out = tmp_path_factory.mktemp("explain") / "out"
-    code = main(["explain", "--ckpt", _ckpt(tiny_run), "--out", str(out), "--cases", "2", "--no-progress"])
+    with pytest.MonkeyPatch.context() as patch:
+        keep_figures(patch, canvas, DRAWN)
+        keep_figures(patch, gates_module, DRAWN)
+        code = main(["explain", "--ckpt", _ckpt(tiny_run), "--out", str(out), "--cases", "2", "--no-progress"])
     assert code == 0
     return out
 
@@ -47,6 +56,77 @@ def test_writes_every_result(explained):
     for name in ("saliency.png", "feature_maps.png", "gates.png"):
         pixels = matplotlib.image.imread(explained / name)
         assert pixels.ndim == 3 and pixels[..., :3].std() > 0, name
+
+
+def _window(volume, start, size):
+    """``volume[start : start + size]`` per axis, zero where the window reaches outside (padding)."""
+    out = np.zeros(size, volume.dtype)
+    inside = tuple(slice(max(a, 0), min(a + n, d)) for a, n, d in zip(start, size, volume.shape, strict=True))
+    at = tuple(slice(s.start - a, s.stop - a) for s, a in zip(inside, start, strict=True))
+    out[at] = volume[inside]
+    return out
+
+
+def _check_case_figure(fig, pixels, out, phantoms, maps: int, features: bool) -> list[str]:
+    """Each row's ground-truth panel shows that case's labels at their places (tumor blue, liver red,
+    background grey) on the window's slice with the most tumor; the image panel is grey; the ``maps``
+    map panels hold the colour map (the feature maps no label colour).
+
+    Returns:
+        The row names (``"MRI atlas-0"``, ...), top to bottom.
+    """
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[:2] == ["image", "ground truth"] and len(titles) == 2 + maps
+    rows = np.asarray(fig.axes).reshape(-1, len(titles))
+    windows = {(r["modality"], r["case"]): r for r in _rows(out)}
+    cache = {m: next((phantoms / "cache").glob(f"{m}-*")) for m in ("ct", "mri")}
+    names = [row[0].get_ylabel() for row in rows]
+    for (image_ax, gt_ax, *map_axes), row_name in zip(rows, names, strict=True):
+        modality, case = row_name.split()[0].lower(), row_name.split()[1]
+        record = windows[(modality, case)]
+        label_file = nib.load(cache[modality] / "labels" / f"{case}.nii")
+        codes = "".join(nib.aff2axcodes(label_file.affine))  # the paper's RAS for CT, LAS for MRI
+        label = _window(np.asarray(label_file.dataobj), [int(v) for v in record["window_start"].split()],
+                        [int(v) for v in record["window_size"].split()])
+        cells = label[:, :, pick_slices(label, 1)[0]]
+        for x, y in np.ndindex(cells.shape):
+            shown = colour_at(pixels, gt_ax, *view_cell(x, y, cells.shape, codes))
+            assert blue(shown) == (cells[x, y] == 2) and red(shown) == (cells[x, y] == 1), (row_name, x, y)
+            assert grey(shown) == (cells[x, y] == 0)
+        assert grey(panel(pixels, image_ax)).all()
+        for ax in map_axes:
+            assert not grey(panel(pixels, ax)).all()
+            if features:
+                assert not blue(panel(pixels, ax)).any() and not red(panel(pixels, ax)).any()
+    return names
+
+
+@pytest.mark.parametrize("name", ["saliency.png", "feature_maps.png"])
+def test_figures_show_each_case_in_its_row_and_panel(explained, tiny_phantoms, name):
+    features = name == "feature_maps.png"
+    names = _check_case_figure(DRAWN[name], read_png(explained / name), explained, tiny_phantoms,
+                               maps=3 if features else 2, features=features)
+    assert [n.split()[0] for n in names] == ["MRI", "MRI", "CT", "CT"]  # the paper's order
+    tumor = {(r["modality"].upper(), r["case"]) for r in _rows(explained) if int(r["has_tumor"])}
+    assert tuple(names[0].split()) in tumor  # cases with tumor first
+
+
+def test_gate_plot_has_a_box_per_stage_and_direction(explained):
+    ax = DRAWN["gates.png"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [f"Stage {s}" for s in (1, 2, 3, 4)]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["MRI → CT (λ_mri→ct)", "CT → MRI (λ_ct→mri)"]
+    with open(explained / "gates.csv", newline="") as handle:
+        gates = list(csv.DictReader(handle))
+    pixels = read_png(explained / "gates.png")
+    faces = {"mri_to_ct": (-0.175, "#d95f02"), "ct_to_mri": (0.175, "#1b9e77")}
+    for row in gates:
+        offset, colour = faces[row["direction"]]
+        q1, median, q3 = (float(row[k]) for k in ("q1", "median", "q3"))
+        # the black median line at its stage and direction (the boxes of a barely trained net are flat)
+        assert near(pixels, ax, int(row["stage"]) + offset, median, (0.0, 0.0, 0.0), radius=2, tol=0.35), row
+        if q3 - median > 0.04:  # a box tall enough to hold pixels of its face between median and q3
+            shown = colour_at(pixels, ax, int(row["stage"]) + offset, (median + q3) / 2)
+            np.testing.assert_allclose(shown, 0.8 * np.asarray(to_rgb(colour)) + 0.2, atol=0.05)
 
 
 def test_table_covers_the_held_out_cases(explained, tiny_phantoms):
@@ -106,7 +186,9 @@ def test_refuses_to_overwrite(explained, tiny_run, capsys):
     assert before == {name: os.stat(explained / name).st_mtime_ns for name in FILES}
 
 
-def test_overwrite_with_one_cohort(tiny_run, tiny_phantoms, tmp_path):
+def test_overwrite_with_one_cohort(tiny_run, tiny_phantoms, tmp_path, monkeypatch):
+    drawn = {}
+    keep_figures(monkeypatch, canvas, drawn)
     out = tmp_path / "out"
     out.mkdir()
     (out / "gates.md").write_text("from an earlier run\n")
@@ -123,6 +205,9 @@ def test_overwrite_with_one_cohort(tiny_run, tiny_phantoms, tmp_path):
     assert summary["gates"]["pairs"] == 0 and "both" in summary["gates"]["skipped"]
     assert not (out / "gates.md").exists()  # a stale result is not left beside the new ones
     assert matplotlib.image.imread(out / "saliency.png")[..., :3].std() > 0
+    names = _check_case_figure(drawn["saliency.png"], read_png(out / "saliency.png"), out, tiny_phantoms,
+                               maps=1, features=False)
+    assert names == ["MRI atlas-0"]
 
 
 def test_bad_layer_is_a_one_line_error(tiny_run, tmp_path, capsys):
