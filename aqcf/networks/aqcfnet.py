@@ -136,6 +136,23 @@ def _check_convs(name: str, value: int) -> int:
     return value
 
 
+def _check_architecture(
+    widths: tuple, in_channels: int, num_classes: int, bottleneck: str, *convs: int
+) -> None:
+    """Refuse widths, channel counts, a bottleneck mode or conv counts :class:`AQCFNet` cannot build.
+
+    ``convs``: the encoder, decoder and bottleneck conv counts, in that order.
+    """
+    for name, value in zip(("encoder_convs", "decoder_convs", "bottleneck_convs"), convs, strict=True):
+        _check_convs(name, value)
+    if len(widths) < 3 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
+        raise AqcfError(f"widths={widths}: expected at least 3 positive integers (stem, stage 1.., bottleneck)")
+    if in_channels < 1 or num_classes < 1:
+        raise AqcfError(f"in_channels={in_channels}, num_classes={num_classes}: both must be >= 1")
+    if bottleneck not in BOTTLENECKS:
+        raise AqcfError(f"bottleneck={bottleneck!r}: expected one of {BOTTLENECKS}")
+
+
 class EncoderStage(nn.Sequential):
     """A strided 3×3×3 conv block halving every axis, then ``convs - 1`` 3×3×3 conv blocks.
 
@@ -297,18 +314,8 @@ class AQCFNet(nn.Module):
         super().__init__()
         self.modalities = check_modalities(modalities)
         widths = tuple(widths)
-        for name, value in (
-            ("encoder_convs", encoder_convs),
-            ("decoder_convs", decoder_convs),
-            ("bottleneck_convs", bottleneck_convs),
-        ):
-            _check_convs(name, value)
-        if len(widths) < 3 or any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in widths):
-            raise AqcfError(f"widths={widths}: expected at least 3 positive integers (stem, stage 1.., bottleneck)")
-        if in_channels < 1 or num_classes < 1:
-            raise AqcfError(f"in_channels={in_channels}, num_classes={num_classes}: both must be >= 1")
-        if bottleneck not in BOTTLENECKS:
-            raise AqcfError(f"bottleneck={bottleneck!r}: expected one of {BOTTLENECKS}")
+        convs = (encoder_convs, decoder_convs, bottleneck_convs)
+        _check_architecture(widths, in_channels, num_classes, bottleneck, *convs)
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.widths = widths
@@ -324,49 +331,19 @@ class AQCFNet(nn.Module):
 
         channels = [QUATERNION_COMPONENTS * w for w in widths]
         levels, bottom = channels[:-1], channels[-1]
-        slope = negative_slope
-        # the first layer is real: one image channel is not a quaternion
-        self.stems = nn.ModuleDict(
-            {
-                m: nn.Sequential(
-                    ConvNormAct(in_channels, levels[0], _KERNEL, 1, REAL, slope),
-                    ConvNormAct(levels[0], levels[0], _KERNEL, 1, algebra, slope),
-                )
-                for m in self.modalities
-            }
-        )
-        self.encoders = nn.ModuleDict(
-            {
-                m: nn.ModuleList(
-                    EncoderStage(c_in, c_out, algebra, slope, encoder_convs)
-                    for c_in, c_out in zip(levels[:-1], levels[1:], strict=True)
-                )
-                for m in self.modalities
-            }
-        )
+        # Built in this order (the order the random initialisation draws in): stems, encoders, A-QCF
+        # blocks, bottleneck, decoders, heads; the attribute names are the state-dict keys.
+        self.stems = self._build_stems(levels[0], algebra, negative_slope)
+        self.encoders = self._build_encoders(levels, algebra, negative_slope, encoder_convs)
         self.fusion = (
-            nn.ModuleList(
-                AQCFBlock(c, gate, algebra, gate_reduction, slope, fusion_out_kernel, fusion_weights, self.modalities)
-                for c in levels[1:]
-            )
+            self._build_fusion(levels, gate, algebra, gate_reduction, negative_slope, fusion_out_kernel, fusion_weights)
             if self.cross_fusion
             else None
         )
-
-        def make_bottleneck() -> nn.Module:
-            return nn.Sequential(
-                ConvNormAct(levels[-1], bottom, _KERNEL, 1, algebra, slope),
-                *(ConvNormAct(bottom, bottom, _KERNEL, 1, algebra, slope) for _ in range(bottleneck_convs - 1)),
-            )
-
-        self.bottleneck = (
-            make_bottleneck()
-            if bottleneck == SHARED
-            else nn.ModuleDict({m: make_bottleneck() for m in self.modalities})
-        )
+        self.bottleneck = self._build_bottleneck(levels[-1], bottom, algebra, negative_slope, bottleneck_convs)
         self.decoders = nn.ModuleDict(
             {
-                m: Decoder(levels[:-1], bottom, algebra, self.attention_gates, slope, decoder_convs)
+                m: Decoder(levels[:-1], bottom, algebra, self.attention_gates, negative_slope, decoder_convs)
                 for m in self.modalities
             }
         )
@@ -375,6 +352,60 @@ class AQCFNet(nn.Module):
         self.last_gates: dict[str, Tensor] = {}
         self.last_context_rms: dict[str, Tensor] = {}
         set_quaternion_product(self, quaternion_product)
+
+    def _build_stems(self, channels: int, algebra: str, slope: float) -> nn.ModuleDict:
+        """Per stream: a real conv block from the image channels to ``channels``, then one of ``algebra``."""
+        # the first layer is real: one image channel is not a quaternion
+        return nn.ModuleDict(
+            {
+                m: nn.Sequential(
+                    ConvNormAct(self.in_channels, channels, _KERNEL, 1, REAL, slope),
+                    ConvNormAct(channels, channels, _KERNEL, 1, algebra, slope),
+                )
+                for m in self.modalities
+            }
+        )
+
+    def _build_encoders(self, levels: Sequence[int], algebra: str, slope: float, convs: int) -> nn.ModuleDict:
+        """Per stream: one :class:`EncoderStage` from each level's real channels to the next's."""
+        return nn.ModuleDict(
+            {
+                m: nn.ModuleList(
+                    EncoderStage(c_in, c_out, algebra, slope, convs)
+                    for c_in, c_out in zip(levels[:-1], levels[1:], strict=True)
+                )
+                for m in self.modalities
+            }
+        )
+
+    def _build_fusion(
+        self,
+        levels: Sequence[int],
+        gate: str,
+        algebra: str,
+        gate_reduction: int,
+        slope: float,
+        out_kernel: int,
+        weights: str,
+    ) -> nn.ModuleList:
+        """One :class:`~aqcf.nn.fusion.AQCFBlock` per encoder stage (eq. 2-10 at each scale)."""
+        return nn.ModuleList(
+            AQCFBlock(c, gate, algebra, gate_reduction, slope, out_kernel, weights, self.modalities)
+            for c in levels[1:]
+        )
+
+    def _build_bottleneck(self, channels_in: int, bottom: int, algebra: str, slope: float, convs: int) -> nn.Module:
+        """``convs`` conv blocks to the bottleneck's width: one set (``shared``) or one per stream (``separate``)."""
+
+        def make_bottleneck() -> nn.Module:
+            return nn.Sequential(
+                ConvNormAct(channels_in, bottom, _KERNEL, 1, algebra, slope),
+                *(ConvNormAct(bottom, bottom, _KERNEL, 1, algebra, slope) for _ in range(convs - 1)),
+            )
+
+        if self.bottleneck_mode == SHARED:
+            return make_bottleneck()
+        return nn.ModuleDict({m: make_bottleneck() for m in self.modalities})
 
     def _bottleneck(self, modality: str) -> nn.Module:
         return self.bottleneck if self.bottleneck_mode == SHARED else self.bottleneck[modality]
