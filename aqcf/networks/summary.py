@@ -154,7 +154,12 @@ def format_streams(rows: Sequence[tuple[int, int]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _on_off(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """A ``--flag`` / ``--no-flag`` pair, on by default."""
+    parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=f"{help} (default: on)")
+
+
+def _parser() -> argparse.ArgumentParser:  # long: the flat list of the verb's flags, one per AQCFNet option
     parser = ArgumentParser(prog="aqcf summary", description=__doc__)
     parser.add_argument(
         "--widths",
@@ -166,20 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-channels", type=int, default=1, help="image channels (default: %(default)s)")
     parser.add_argument("--num-classes", type=int, default=3, help="output classes (default: %(default)s)")
     parser.add_argument("--gate", choices=GATES, default=ADAPTIVE, help="A-QCF gate (default: %(default)s)")
-    parser.add_argument(
-        "--cross-fusion",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="A-QCF blocks between the streams (default: on)",
-    )
+    _on_off(parser, "--cross-fusion", "A-QCF blocks between the streams")
     parser.add_argument("--algebra", choices=ALGEBRAS, default=QUATERNION, help="(default: %(default)s)")
     parser.add_argument("--bottleneck", choices=BOTTLENECKS, default=SHARED, help="(default: %(default)s)")
-    parser.add_argument(
-        "--attention-gates",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="attention-gated decoder skips (default: on)",
-    )
+    _on_off(parser, "--attention-gates", "attention-gated decoder skips")
     parser.add_argument("--fusion-out-kernel", type=int, choices=OUT_KERNELS, default=_DEFAULTS["fusion_out_kernel"],
                         help="kernel of the A-QCF blocks' QConv_out (default: %(default)s)")
     parser.add_argument("--fusion-weights", choices=FUSION_WEIGHTS, default=_DEFAULTS["fusion_weights"],
@@ -196,8 +191,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"a named reading of section 3.2.3 on top of the other options ({DEFAULT_READING}: the default "
         f"network), or '{ALL_READINGS}' for one line per reading",
     )
-    args = parser.parse_args(argv)
-    kwargs = {
+    return parser
+
+
+def _network_kwargs(args: argparse.Namespace) -> dict:
+    """The :class:`AQCFNet` arguments the parsed flags give (``--reading`` not applied)."""
+    return {
         "in_channels": args.in_channels,
         "num_classes": args.num_classes,
         "widths": tuple(args.widths),
@@ -213,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         "bottleneck_convs": args.bottleneck_convs,
         "modalities": tuple(args.modalities),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aqcf summary``: prints the parameter tables; returns the exit code."""
+    args = _parser().parse_args(argv)
+    kwargs = _network_kwargs(args)
     if args.reading == ALL_READINGS:
         print(format_readings(reading_rows(**kwargs)))
         return 0
