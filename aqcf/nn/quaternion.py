@@ -329,7 +329,11 @@ def _fast_outputs(products: Tensor) -> Tensor:
 
 
 class _QuaternionConvBase(nn.Module):
-    """Four sub-kernels ``r, i, j, k`` of shape ``(dim0, dim1, *kernel)`` and a real bias."""
+    """Four sub-kernels ``r, i, j, k`` of shape ``(dim0, dim1, *kernel)`` and a real bias.
+
+    ``(dim0, dim1)`` is ``(q_out, q_in)``, or ``(q_in, q_out)`` for a transposed convolution (the layout
+    ``F.conv_transpose3d`` takes).
+    """
 
     transposed = False
 
@@ -338,7 +342,6 @@ class _QuaternionConvBase(nn.Module):
         in_channels: int,
         out_channels: int,
         kernel_size: int | Sequence[int],
-        sub_kernel_dims: tuple[int, int],
         bias: bool,
         init: str,
         product: str,
@@ -353,6 +356,7 @@ class _QuaternionConvBase(nn.Module):
             raise AqcfError(f"init={init!r}: expected one of {INIT_CRITERIA}")
         self.init = init
         self.kernel_size = _triple(kernel_size)
+        sub_kernel_dims = (self.q_in, self.q_out) if self.transposed else (self.q_out, self.q_in)
         shape = (*sub_kernel_dims, *self.kernel_size)
         self.r_weight = nn.Parameter(torch.empty(shape))
         self.i_weight = nn.Parameter(torch.empty(shape))
@@ -395,6 +399,12 @@ class _QuaternionConvBase(nn.Module):
         receptive = math.prod(self.kernel_size)
         return self.q_in * receptive, self.q_out * receptive
 
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, bias={self.bias is not None}, init={self.init!r}, product={self.product!r}"
+        )
+
     def reset_parameters(self) -> None:
         fan_in, fan_out = self._fans()
         quaternion_init_((self.r_weight, self.i_weight, self.j_weight, self.k_weight), fan_in, fan_out, self.init)
@@ -434,9 +444,7 @@ class QuaternionConv3d(_QuaternionConvBase):
         init: str = "he",
         product: str = AUTO,
     ) -> None:
-        q_in = check_quaternion_channels(in_channels, "in_channels")
-        q_out = check_quaternion_channels(out_channels, "out_channels")
-        super().__init__(in_channels, out_channels, kernel_size, (q_out, q_in), bias, init, product)
+        super().__init__(in_channels, out_channels, kernel_size, bias, init, product)
         self.stride = _triple(stride)
         self.dilation = _triple(dilation)
         if padding is None:
@@ -464,12 +472,6 @@ class QuaternionConv3d(_QuaternionConvBase):
         weight, bias = self.fast_weight(), self.fast_bias()
         products = F.conv3d(_fast_inputs(x), weight, bias, self.stride, self.padding, self.dilation, _FAST_GROUPS)
         return _fast_outputs(products)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, bias={self.bias is not None}, init={self.init!r}, product={self.product!r}"
-        )
 
 
 class QuaternionConvTranspose3d(_QuaternionConvBase):
@@ -511,9 +513,7 @@ class QuaternionConvTranspose3d(_QuaternionConvBase):
         init: str = "he",
         product: str = AUTO,
     ) -> None:
-        q_in = check_quaternion_channels(in_channels, "in_channels")
-        q_out = check_quaternion_channels(out_channels, "out_channels")
-        super().__init__(in_channels, out_channels, kernel_size, (q_in, q_out), bias, init, product)
+        super().__init__(in_channels, out_channels, kernel_size, bias, init, product)
         self.stride = _triple(stride)
         self.padding = _triple(padding)
         self.output_padding = _triple(output_padding)
@@ -558,9 +558,3 @@ class QuaternionConvTranspose3d(_QuaternionConvBase):
             self.dilation,
         )
         return _fast_outputs(products)
-
-    def extra_repr(self) -> str:
-        return (
-            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"padding={self.padding}, bias={self.bias is not None}, init={self.init!r}, product={self.product!r}"
-        )
