@@ -1,5 +1,8 @@
-"""Data benchmark: preprocessing one realistic CT volume, and training batches per second from the cache.
+"""Data benchmark: drawing a phantom, preprocessing one realistic CT volume, training batches per second.
 
+* Phantom: one CT phantom at :func:`aqcf.data.phantoms.ct_config`'s default size drawn by
+  :func:`~aqcf.data.phantoms.make_case` (after one warm-up draw); it should take under 5 s
+  (:data:`PHANTOM_BUDGET_S`), so ``aqcf synth`` of a demo cohort stays interactive.
 * Preprocessing: a LiTS-sized CT phantom (512×512×200 voxels at 0.8×0.8×2.5 mm, int16 HU, stored
   uncompressed like LiTS) through :func:`aqcf.data.preprocess.preprocess_case` (validation, RAS,
   foreground crop, 1 mm resampling, window, padding, writing the cache files). It runs in a fresh
@@ -34,6 +37,8 @@ DRAW_SHAPE = (128, 128, 50)
 NOISE_HU = 12.0
 PATCH = (256, 256, 16)
 KIB_PER_MIB = 1024
+PHANTOM_BUDGET_S = 5.0
+"""The time one default-size CT phantom should take to draw (once a test's bound)."""
 
 
 def _write_ct_volume(folder: Path, shape, spacing) -> None:
@@ -86,6 +91,28 @@ def _preprocess_case(folder: Path) -> dict:
         "peak_rss_mib": _peak_rss_mib(),
         "shape": entry["preprocessed_shape"],
     }
+
+
+def _phantom_rows(quick: bool) -> list[dict]:
+    """Seconds to draw one default-size CT phantom, the second of two draws (the first warms up)."""
+    from aqcf.data.phantoms import ct_config, make_case
+
+    config = ct_config()
+    make_case(config, np.random.default_rng([0, 0, 0]))
+    start = time.perf_counter()
+    make_case(config, np.random.default_rng([0, 0, 1]))
+    seconds = time.perf_counter() - start
+    verdict = "within" if seconds < PHANTOM_BUDGET_S else "OVER"
+    return [
+        {
+            "benchmark": "data",
+            "case": f"phantom case, CT {'x'.join(map(str, config.shape))}",
+            "metric": "draw time",
+            "value": seconds,
+            "unit": "s",
+            "note": f"make_case after a warm-up draw; {verdict} the {PHANTOM_BUDGET_S:g} s budget",
+        }
+    ]
 
 
 def _preprocess_rows(quick: bool) -> list[dict]:
@@ -177,7 +204,7 @@ def _loader_rows(quick: bool) -> list[dict]:
 
 def run(quick: bool = False) -> list[dict]:
     """Benchmark rows (see :mod:`benchmarks.run`)."""
-    return _preprocess_rows(quick) + _loader_rows(quick)
+    return _phantom_rows(quick) + _preprocess_rows(quick) + _loader_rows(quick)
 
 
 if __name__ == "__main__":

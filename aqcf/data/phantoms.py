@@ -901,25 +901,12 @@ def synthesize(
     Raises:
         AqcfError: ``out`` exists, is not empty and ``overwrite`` is false; or a count is negative.
     """
-    from tqdm.auto import tqdm
-
     ct = ct or ct_config()
     mri = mri or mri_config()
     t2 = t2 or t2_config()
-    if ct.modality != CT or mri.modality != MRI or t2.modality != MRI:
-        raise AqcfError("synthesize: ct= needs a CT PhantomConfig and mri= and t2= MRI ones")
-    if mri.weighting != "T1" or t2.weighting != "T2":
-        raise AqcfError("synthesize: mri= needs a T1-weighted PhantomConfig and t2= a T2-weighted one")
     counts = (n_ct, n_mri, n_t2, n_paired)
-    if min(counts) < 0:
-        raise AqcfError(f"synthesize: case counts must not be negative (got {', '.join(map(str, counts))})")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AqcfError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise AqcfError(
-            f"{out}: exists and is not empty; pass --overwrite to replace its LiTS/, ATLAS/, T2/ and Paired/"
-        )
+    _check_synthesis(out, ct, mri, t2, counts, overwrite)
     out.mkdir(parents=True, exist_ok=True)
 
     # (key, folder, cases, writer); the stream numbers keep every cohort's subjects independent.
@@ -929,8 +916,54 @@ def synthesize(
         (T2, out / "T2", n_t2, lambda f, bar: _write_t2_cohort(f, n_t2, t2, seed, 2, bar)),
         (PAIRED, out / "Paired", n_paired, lambda f, bar: _write_paired(f, n_paired, ct, mri, seed, 3, bar)),
     )
+    targets = _write_plan(out, plan, sum(counts), progress)
+    settings = {
+        "seed": seed,
+        "n_ct": n_ct,
+        "n_mri": n_mri,
+        "n_t2": n_t2,
+        "n_paired": n_paired,
+        "ct": dataclasses.asdict(ct),
+        "mri": dataclasses.asdict(mri),
+        "t2": dataclasses.asdict(t2),
+    }
+    tmp = out / ".synth.json.tmp"
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, out / "synth.json")
+    return targets
+
+
+def _check_synthesis(
+    out: Path, ct: PhantomConfig, mri: PhantomConfig, t2: PhantomConfig, counts: tuple[int, ...], overwrite: bool
+) -> None:
+    """Refuse configs of the wrong modality or weighting, a negative count, or an ``out`` not to write into.
+
+    Raises:
+        AqcfError: As :func:`synthesize` says.
+    """
+    if ct.modality != CT or mri.modality != MRI or t2.modality != MRI:
+        raise AqcfError("synthesize: ct= needs a CT PhantomConfig and mri= and t2= MRI ones")
+    if mri.weighting != "T1" or t2.weighting != "T2":
+        raise AqcfError("synthesize: mri= needs a T1-weighted PhantomConfig and t2= a T2-weighted one")
+    if min(counts) < 0:
+        raise AqcfError(f"synthesize: case counts must not be negative (got {', '.join(map(str, counts))})")
+    if out.exists() and not out.is_dir():
+        raise AqcfError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise AqcfError(
+            f"{out}: exists and is not empty; pass --overwrite to replace its LiTS/, ATLAS/, T2/ and Paired/"
+        )
+
+
+def _write_plan(out: Path, plan, total: int, progress: bool) -> dict[str, Path]:
+    """Write each cohort of ``plan`` (``(key, folder, cases, writer)``) in place; returns ``{key: folder}``.
+
+    A T2 or paired cohort of 0 cases writes nothing and removes its old folder.
+    """
+    from tqdm.auto import tqdm
+
     targets = {}
-    with tqdm(total=sum(counts), desc="synth", unit="case", disable=not progress) as bar:
+    with tqdm(total=total, desc="synth", unit="case", disable=not progress) as bar:
         for key, target, n, write in plan:
             if n == 0 and key in (T2, PAIRED):
                 if target.exists():
@@ -948,19 +981,6 @@ def synthesize(
                 if partial.exists():
                     shutil.rmtree(partial)
             targets[key] = target
-    settings = {
-        "seed": seed,
-        "n_ct": n_ct,
-        "n_mri": n_mri,
-        "n_t2": n_t2,
-        "n_paired": n_paired,
-        "ct": dataclasses.asdict(ct),
-        "mri": dataclasses.asdict(mri),
-        "t2": dataclasses.asdict(t2),
-    }
-    tmp = out / ".synth.json.tmp"
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, out / "synth.json")
     return targets
 
 
