@@ -1,8 +1,8 @@
 """Where colour lands in a drawn figure: the pixel under a data point of an axes, label colours.
 
 A figure rendered (or saved) at its own dpi has the pixel grid of matplotlib's display coordinates, so
-``ax.transData`` says which pixel of the picture shows a data point; for an ``imshow`` panel, the data
-point ``(column, row)`` is the centre of that image cell.
+``ax.transData`` says which pixel of the picture shows a data point (scaled for a PNG saved at another
+dpi); for an ``imshow`` panel, the data point ``(column, row)`` is the centre of that image cell.
 """
 
 from __future__ import annotations
@@ -29,30 +29,33 @@ def read_png(path) -> np.ndarray:
     return np.asarray(mpimg.imread(path), dtype=np.float64)[..., :3]
 
 
-def pixel(ax, x: float, y: float, height: int) -> tuple[int, int]:
-    """(row, column) of the picture (``height`` rows) that shows data point (x, y) of ``ax``."""
-    px, py = ax.transData.transform((x, y))
-    return int(height - py), int(px)
+def pixel(ax, x: float, y: float, rgb: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the picture ``rgb`` of ``ax``'s figure that shows data point (x, y) of ``ax``
+    (a PNG saved at another dpi than the figure's is scaled by the ratio of the widths)."""
+    scale = rgb.shape[1] / ax.figure.bbox.width
+    px, py = ax.transData.transform((x, y)) * scale
+    return int(rgb.shape[0] - py), int(px)
 
 
 def colour_at(rgb: np.ndarray, ax, x: float, y: float) -> np.ndarray:
     """The RGB colour shown at data point (x, y) of ``ax``."""
-    row, col = pixel(ax, x, y, rgb.shape[0])
+    row, col = pixel(ax, x, y, rgb)
     return rgb[row, col]
 
 
 def near(rgb: np.ndarray, ax, x: float, y: float, colour, radius: int = 2, tol: float = 0.2) -> bool:
     """Whether a pixel within ``radius`` of data point (x, y) has ``colour`` (each channel within ``tol``)."""
-    row, col = pixel(ax, x, y, rgb.shape[0])
+    row, col = pixel(ax, x, y, rgb)
     patch = rgb[max(row - radius, 0) : row + radius + 1, max(col - radius, 0) : col + radius + 1]
     return bool((np.abs(patch - np.asarray(colour, dtype=np.float64)).max(axis=-1) <= tol).any())
 
 
 def panel(rgb: np.ndarray, ax, inset: int = 3) -> np.ndarray:
     """The pixels inside ``ax``'s box, ``inset`` pixels in from its frame."""
-    box = ax.get_window_extent()
-    top, bottom = int(rgb.shape[0] - box.y1) + inset, int(rgb.shape[0] - box.y0) - inset
-    return rgb[top:bottom, int(box.x0) + inset : int(box.x1) - inset]
+    scale = rgb.shape[1] / ax.figure.bbox.width
+    x0, y0, x1, y1 = np.asarray(ax.get_window_extent().extents) * scale
+    top, bottom = int(rgb.shape[0] - y1) + inset, int(rgb.shape[0] - y0) - inset
+    return rgb[top:bottom, int(x0) + inset : int(x1) - inset]
 
 
 def blue(pixels: np.ndarray) -> np.ndarray:

@@ -12,8 +12,10 @@ import pytest
 
 from aqcf.cli import main as aqcf_main
 from aqcf.errors import AqcfError
+from aqcf.evaluation import report as report_module
 from aqcf.evaluation.report import load_run, min_exact_p, write_report
 from aqcf.visualize.charts import run_colors
+from tests.pictures import colour_at, keep_figures, read_png
 
 # fold-wise per-case means, fold0..fold4; "full" is the baseline
 TUMOR_CT = {
@@ -149,7 +151,9 @@ def test_baseline_choice_and_errors(runs, tmp_path):
         load_run("real", runs / "real")
 
 
-def test_command_line(runs, tmp_path, capsys):
+def test_command_line(runs, tmp_path, capsys, monkeypatch):
+    drawn = {}
+    keep_figures(monkeypatch, report_module, drawn)
     out = tmp_path / "report"
     code = aqcf_main(["report", f"Full model={runs / 'full'}", str(runs / "nogate"), str(runs / "real"),
                       "--out", str(out), "--metric", "dice", "hd95"])
@@ -159,6 +163,7 @@ def test_command_line(runs, tmp_path, capsys):
                  "folds.csv"):
         assert (out / name).stat().st_size > 0
     assert (out / "dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _check_dice_chart(read_png(out / "dice.png"), drawn["dice.png"])
     with open(out / "significance.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert {r["baseline"] for r in rows} == {"Full model"}
@@ -189,3 +194,20 @@ def test_chart_gives_every_run_its_own_colour(n):
     colors = run_colors(n)
     assert len(colors) == n
     assert len(set(colors)) == n
+
+
+def _check_dice_chart(pixels, fig):
+    """The Dice chart: a group per modality and class, in each a bar per run (baseline first, 0.8 / 3
+    wide) in the run's colour up to its mean Dice (%) across folds, white above its error bar."""
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["CT liver", "CT tumor", "MRI liver", "MRI tumor"]
+    names = ["Full model", "nogate", "real"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == names
+    width = 0.8 / 3
+    for i, (run, colour) in enumerate(zip(("full", "nogate", "real"), run_colors(3), strict=True)):
+        for group, folds in enumerate((LIVER_CT[run], TUMOR_CT[run], [DICE_MRI[run][0]] * 5, [DICE_MRI[run][1]] * 5)):
+            mean, sd = 100 * np.mean(folds), 100 * np.std(folds, ddof=1)
+            x = group + (i - 1) * width
+            np.testing.assert_allclose(colour_at(pixels, ax, x, mean / 2), colour, atol=0.02)
+            np.testing.assert_allclose(colour_at(pixels, ax, x, min(mean + sd + 4.0, 99.0)), 1.0, atol=0.02)
+
