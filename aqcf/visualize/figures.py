@@ -8,7 +8,7 @@
 
 ``aqcf figures qualitative --image IMG --gt GT --pred NAME=PRED ... --out fig.png [--slices N]``
     Figures 5/6: several axial slices of one case, a column for the ground truth and one per
-    prediction, liver red and tumor blue (:func:`aqcf.visualize.overlay_grid`), in radiological view.
+    prediction, liver red and tumor blue (:func:`aqcf.visualize.overlays.overlay_grid`), in radiological view.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def plot_qualitative(
         gt_path: NIfTI ground truth (0/1/2).
         predictions: column title -> NIfTI prediction, e.g. ``{"A-QCF-Net": "pred/case.nii.gz"}``.
         out: destination ``.png`` (written atomically).
-        n_slices: number of axial slices (see :func:`aqcf.visualize.pick_slices`).
+        n_slices: number of axial slices (see :func:`aqcf.visualize.overlays.pick_slices`).
         title: figure title (default: the image file name).
         alpha: opacity of the label colours.
 
