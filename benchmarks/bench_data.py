@@ -4,7 +4,7 @@
   :func:`~aqcf.data.phantoms.make_case` (after one warm-up draw); it should take under 5 s
   (:data:`PHANTOM_BUDGET_S`), so ``aqcf synth`` of a demo cohort stays interactive.
 * Preprocessing: a LiTS-sized CT phantom (512×512×200 voxels at 0.8×0.8×2.5 mm, int16 HU, stored
-  uncompressed like LiTS) through :func:`aqcf.data.preprocess.preprocess_case` (validation, RAS,
+  uncompressed like LiTS) through :func:`aqcf.data.cache.preprocess_case` (validation, RAS,
   foreground crop, 1 mm resampling, window, padding, writing the cache files). It runs in a fresh
   Python process (this file with ``--case``) so that the peak resident set size (``VmHWM`` of
   ``/proc/self/status``, imports included) belongs to it alone; the RSS after imports is reported
@@ -78,8 +78,9 @@ def _peak_rss_mib() -> float:
 def _preprocess_case(folder: Path) -> dict:
     import torchio  # noqa: F401  (imports count towards the baseline, not the case)
 
+    from aqcf.data.cache import preprocess_case
     from aqcf.data.cohorts import read_lits
-    from aqcf.data.preprocess import PreprocessSettings, preprocess_case
+    from aqcf.data.preprocess import PreprocessSettings
 
     case = read_lits(folder)[0]
     rss_before = _peak_rss_mib()

@@ -245,6 +245,50 @@ def _collate_volumes(items: list[dict]) -> dict:
     return batch
 
 
+def _subject_sampler(dataset, rank: int, world: int, seed: int):
+    """Under DDP (``world > 1``) a ``DistributedSampler`` giving each rank its own subjects; else ``None``."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    if world <= 1:
+        return None
+    return DistributedSampler(
+        dataset,
+        num_replicas=world,
+        rank=rank,
+        shuffle=True,
+        seed=seed,
+        drop_last=len(dataset) >= world,
+    )
+
+
+def _check_settings(hp) -> None:
+    """Refuse data-module settings that cannot work together (before any cohort is read).
+
+    Args:
+        hp: ``UnpairedDataModule.hparams``.
+
+    Raises:
+        AqcfError: ``cohorts`` beside ``ct_root`` / ``mri_root``, no cohort, an unknown protocol, a fold
+            outside ``n_folds``, a bad patch size or count, or a paired share without a paired cohort.
+    """
+    if hp.cohorts is not None and (hp.ct_root is not None or hp.mri_root is not None):
+        raise AqcfError("data.cohorts names every cohort: set data.ct_root and data.mri_root to null")
+    if hp.cohorts is None and hp.ct_root is None and hp.mri_root is None:
+        raise AqcfError("data: set ct_root, mri_root or both")
+    if hp.protocol not in PROTOCOLS:
+        raise AqcfError(f"data.protocol {hp.protocol!r}: expected one of {PROTOCOLS}")
+    if not 0 <= hp.fold < hp.n_folds:
+        raise AqcfError(f"data.fold {hp.fold}: need 0 <= fold < n_folds ({hp.n_folds})")
+    if len(hp.patch_size) != 3 or min(hp.patch_size) < 1:
+        raise AqcfError(f"data.patch_size {hp.patch_size}: need three positive sizes")
+    if hp.batch_pairs < 1 or hp.samples_per_volume < 1 or hp.queue_length < 1:
+        raise AqcfError("data: batch_pairs, samples_per_volume and queue_length must be positive")
+    if not 0.0 <= hp.paired_ratio <= 1.0:
+        raise AqcfError(f"data.paired_ratio {hp.paired_ratio}: need a share in [0, 1]")
+    if hp.paired_ratio > 0 and hp.paired_root is None:
+        raise AqcfError(f"data.paired_ratio {hp.paired_ratio}: set data.paired_root, the paired cohort's folder")
+
+
 class UnpairedDataModule(L.LightningDataModule):
     """Unpaired CT and MRI cohorts: preprocessing cache, folds, patch queues and volume loaders.
 
@@ -310,7 +354,7 @@ class UnpairedDataModule(L.LightningDataModule):
             out for testing are kept in another folder or left out of this list.
     """
 
-    def __init__(
+    def __init__(  # long: the signature lists every data setting (LightningCLI's `data:` keys)
         self,
         ct_root: str | None = None,
         mri_root: str | None = None,
@@ -357,22 +401,7 @@ class UnpairedDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()
-        if cohorts is not None and (ct_root is not None or mri_root is not None):
-            raise AqcfError("data.cohorts names every cohort: set data.ct_root and data.mri_root to null")
-        if cohorts is None and ct_root is None and mri_root is None:
-            raise AqcfError("data: set ct_root, mri_root or both")
-        if protocol not in PROTOCOLS:
-            raise AqcfError(f"data.protocol {protocol!r}: expected one of {PROTOCOLS}")
-        if not 0 <= fold < n_folds:
-            raise AqcfError(f"data.fold {fold}: need 0 <= fold < n_folds ({n_folds})")
-        if len(patch_size) != 3 or min(patch_size) < 1:
-            raise AqcfError(f"data.patch_size {patch_size}: need three positive sizes")
-        if batch_pairs < 1 or samples_per_volume < 1 or queue_length < 1:
-            raise AqcfError("data: batch_pairs, samples_per_volume and queue_length must be positive")
-        if not 0.0 <= paired_ratio <= 1.0:
-            raise AqcfError(f"data.paired_ratio {paired_ratio}: need a share in [0, 1]")
-        if paired_ratio > 0 and paired_root is None:
-            raise AqcfError(f"data.paired_ratio {paired_ratio}: set data.paired_root, the paired cohort's folder")
+        _check_settings(self.hparams)
         self.cohorts = cohorts_from_hparams(self.hparams)
         declare_modalities([c.name for c in self.cohorts])
         if paired_root is not None and not {CT, MRI} <= {c.name for c in self.cohorts}:
@@ -486,11 +515,30 @@ class UnpairedDataModule(L.LightningDataModule):
             self.paired_entries = self._paired()
 
     def _queue_loader(self, modality: str, index: int) -> DataLoader:
-        import torchio as tio
-        from torch.utils.data.distributed import DistributedSampler
-
+        """The training loader of cohort ``modality`` (stream ``index``): its patch queue, augmented."""
         hp = self.hparams
-        entries = self.train_entries[modality]
+        dataset = self._subjects(modality)
+        rank, world = _distributed()
+        subject_sampler = _subject_sampler(dataset, rank, world, hp.split_seed)
+        queue = self._queue(dataset, subject_sampler)
+        augment = None
+        if hp.augment:
+            # Distinct seeds per modality and rank keep the two streams' augmentations independent.
+            augment = self._augmentation((torch.initial_seed() + 7919 * (2 * rank + index)) % 2**32)
+        stream = _PatchStream(queue, augment)
+        # The queue hands out patches from its own worker processes: this loader must use none.
+        return DataLoader(
+            stream,
+            batch_size=hp.batch_pairs,
+            sampler=_EpochSampler(stream, subject_sampler),
+            num_workers=0,
+            drop_last=False,
+        )
+
+    def _subjects(self, modality: str):
+        """A TorchIO ``SubjectsDataset`` of the cohort's training cases whose transform draws their patches."""
+        import torchio as tio
+
         # Lazy subjects: DrawPatches reads only the patches from the cached files (aqcf.data.patches).
         subjects = [
             tio.Subject(
@@ -500,22 +548,17 @@ class UnpairedDataModule(L.LightningDataModule):
                 id=e["id"],
                 modality=modality,
             )
-            for e in entries
+            for e in self.train_entries[modality]
         ]
-        draw = DrawPatches(self.patch_size, self.label_probabilities, hp.samples_per_volume)
-        dataset = tio.SubjectsDataset(subjects, transform=draw, load_getitem=False)
-        rank, world = _distributed()
-        subject_sampler = None
-        if world > 1:
-            subject_sampler = DistributedSampler(
-                dataset,
-                num_replicas=world,
-                rank=rank,
-                shuffle=True,
-                seed=hp.split_seed,
-                drop_last=len(dataset) >= world,
-            )
-        queue = tio.Queue(
+        draw = DrawPatches(self.patch_size, self.label_probabilities, self.hparams.samples_per_volume)
+        return tio.SubjectsDataset(subjects, transform=draw, load_getitem=False)
+
+    def _queue(self, dataset, subject_sampler):
+        """A TorchIO ``Queue`` over ``dataset`` serving the patches :class:`DrawPatches` read."""
+        import torchio as tio
+
+        hp = self.hparams
+        return tio.Queue(
             dataset,
             max_length=hp.queue_length,
             samples_per_volume=hp.samples_per_volume,
@@ -526,27 +569,18 @@ class UnpairedDataModule(L.LightningDataModule):
             shuffle_patches=True,
             start_background=False,
         )
-        augment = None
-        if hp.augment:
-            # Distinct seeds per modality and rank keep the two streams' augmentations independent.
-            seed = (torch.initial_seed() + 7919 * (2 * rank + index)) % 2**32
-            augment = build_augmentation(
-                self.patch_size,
-                hp.flip_prob,
-                hp.rot90_prob,
-                hp.intensity_shift,
-                hp.intensity_scale,
-                hp.intensity_prob,
-                seed=seed,
-            )
-        stream = _PatchStream(queue, augment)
-        # The queue hands out patches from its own worker processes: this loader must use none.
-        return DataLoader(
-            stream,
-            batch_size=hp.batch_pairs,
-            sampler=_EpochSampler(stream, subject_sampler),
-            num_workers=0,
-            drop_last=False,
+
+    def _augmentation(self, seed: int):
+        """The training augmentation of the data settings (:func:`aqcf.data.augment.build_augmentation`)."""
+        hp = self.hparams
+        return build_augmentation(
+            self.patch_size,
+            hp.flip_prob,
+            hp.rot90_prob,
+            hp.intensity_shift,
+            hp.intensity_scale,
+            hp.intensity_prob,
+            seed=seed,
         )
 
     def train_dataloader(self):
