@@ -84,19 +84,19 @@ def test_unknown_verb(capsys):
 
 
 def test_os_errors_are_one_line_and_bugs_keep_their_traceback(monkeypatch, tmp_path, capsys):
-    import aqcf.figures
+    import aqcf.visualize.figures as figures_verb
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied", "/data/runs/fold0/metrics.csv")
 
-    monkeypatch.setattr(aqcf.figures, "find_metrics_files", denied)
+    monkeypatch.setattr(figures_verb, "find_metrics_files", denied)
     argv = ["figures", "curves", str(tmp_path), "--out", str(tmp_path / "c.png")]
     one_error(*run(argv, capsys), "/data/runs/fold0/metrics.csv: Permission denied")
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(aqcf.figures, "find_metrics_files", bug)
+    monkeypatch.setattr(figures_verb, "find_metrics_files", bug)
     with pytest.raises(ZeroDivisionError):
         main(argv)
     assert "bug in aqcf and keeps its traceback" in cli_module.__doc__  # the policy, documented
