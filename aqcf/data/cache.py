@@ -119,10 +119,11 @@ def preprocess_case(
         The manifest entry: ``id``, ``modality``, ``source_image``, ``source_label``, ``image``,
         ``label`` and ``locations`` (paths relative to ``folder``), ``files`` (size and checksum of each
         cached file), ``has_tumor``, ``voxel_counts`` (background, liver, tumor on the preprocessed
-        grid) and the geometry of :func:`preprocess_image`.
+        grid) and the geometry of :func:`~aqcf.data.preprocess.preprocess_image`.
     """
     import torchio  # noqa: F401  (a fresh worker's import time is not the case's)
 
+    # here, not above: aqcf.data.patches imports this module (and torch)
     from aqcf.data.patches import class_locations, save_locations
 
     folder = Path(folder)
@@ -167,7 +168,7 @@ def cohort_key(cases: Sequence[Case], settings: PreprocessSettings, labels: dict
 
     The case list enters with each file's absolute path, size and modification time, so replacing or
     editing a file also gives a new key. ``labels`` (the cohort's label convention) enters only when it
-    is not :data:`DEFAULT_LABELS`, so caches made before cohorts declared one keep their keys.
+    is not :data:`~aqcf.data.preprocess.DEFAULT_LABELS`, so caches made before cohorts declared one keep their keys.
     """
     files = [
         [
@@ -303,8 +304,9 @@ def preprocess_cohort(
         verify: How a reused cache's files are checked: ``"size"`` (a stat per file) or
             ``"checksum"`` (reads them all).
         skip_bad: Leave broken cases out instead of stopping.
-        labels: The cohort's ``{mask value: class}`` (:func:`label_mapping`), applied to every label map
-            as it is read; ``None``: :data:`DEFAULT_LABELS`. Part of the key unless the default.
+        labels: The cohort's ``{mask value: class}`` (:func:`~aqcf.data.preprocess.label_mapping`),
+            applied to every label map as it is read; ``None``: :data:`~aqcf.data.preprocess.DEFAULT_LABELS`.
+            Part of the key unless the default.
 
     Returns:
         The :class:`Manifest`, entries in the order of ``cases`` (less the skipped ones).
