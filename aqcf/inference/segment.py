@@ -54,9 +54,10 @@ __all__ = [
     "PROBABILITIES_SUFFIX",
     "PROBABILITIES_KEY",
     "BACKENDS",
+    "MASK_GRID_TOLERANCE_MM",
     "Scan",
     "find_scans",
-    "output_paths",
+    "Outputs",
     "is_complete",
     "write_mask",
     "write_probabilities",
@@ -73,8 +74,9 @@ PROBABILITIES_KEY = "probabilities"
 DICOM, NIFTI = "dicom", "nifti"
 #: ``--backend``: PyTorch checkpoints, or ONNX models written by ``aqcf export`` run by onnxruntime
 BACKENDS = ("torch", "onnxruntime")
-# the scan and the record the preprocessing read may disagree this much (mm) before we warn
-AFFINE_TOLERANCE_MM = 1e-3
+#: the grid a prediction is made on (the affine the preprocessing read) and the grid its mask is written on
+#: (the scan header's) may differ this much (mm, per affine entry) before a warning says so
+MASK_GRID_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True)
@@ -157,32 +159,73 @@ def _check_headers(scans: Sequence[Scan]) -> None:
     CaseErrors.raise_if_any(problems, total=len(scans), what="scans")
 
 
-def output_paths(
-    scan: Scan,
-    out_dir: str | Path,
-    suffix: str = DEFAULT_SUFFIX,
-    png: bool = False,
-    probabilities: bool = False,
-    dicom_seg: bool = False,
-) -> dict[str, Path]:
-    """Paths of one scan's outputs, all inside ``out_dir``.
+@dataclass(frozen=True)
+class Outputs:
+    """What ``aqcf segment`` writes for every scan, where, and whether existing files may be replaced.
 
-    ``{"mask": .nii.gz, "json": .json}``, plus ``"png"`` (``png``), ``"probabilities"``
-    (``_probabilities.npz``, with ``probabilities``) and, for a DICOM scan with ``dicom_seg``,
-    ``"dicom_seg"`` (``.dcm``).
-
-    Raises:
-        AqcfError: ``suffix`` holds a path separator (the outputs would leave ``out_dir``).
+    Attributes:
+        folder: the output folder (``--out``); every output lies directly in it.
+        suffix: appended to each scan's stem in the output names (``--suffix``).
+        png: also an overlay PNG per scan (``--png``).
+        probabilities: also the softmax, ``_probabilities.npz`` (``--save-probabilities``), before
+            post-processing.
+        dicom_seg: for a DICOM scan also a DICOM Segmentation, ``.dcm`` (``--dicom-seg``).
+        overwrite: replace existing outputs; otherwise any existing one is an error before work starts.
+        resume: skip scans whose outputs are complete (:func:`is_complete`), redo the others (``--continue``).
     """
-    base = f"{scan.name}{safe_name(suffix, '--suffix')}"
-    paths = {"mask": child_path(out_dir, base + ".nii.gz"), "json": child_path(out_dir, base + ".json")}
-    if png:
-        paths["png"] = child_path(out_dir, base + ".png")
-    if probabilities:
-        paths["probabilities"] = child_path(out_dir, base + PROBABILITIES_SUFFIX)
-    if dicom_seg and scan.kind == DICOM:
-        paths["dicom_seg"] = child_path(out_dir, base + ".dcm")
-    return paths
+
+    folder: Path
+    suffix: str = DEFAULT_SUFFIX
+    png: bool = False
+    probabilities: bool = False
+    dicom_seg: bool = False
+    overwrite: bool = False
+    resume: bool = False
+
+    def paths(self, scan: Scan) -> dict[str, Path]:
+        """Paths of one scan's outputs, all inside :attr:`folder`.
+
+        ``{"mask": .nii.gz, "json": .json}``, plus ``"png"`` (:attr:`png`), ``"probabilities"``
+        (``_probabilities.npz``, with :attr:`probabilities`) and, for a DICOM scan with :attr:`dicom_seg`,
+        ``"dicom_seg"`` (``.dcm``).
+
+        Raises:
+            AqcfError: :attr:`suffix` holds a path separator (the outputs would leave the folder).
+        """
+        base = f"{scan.name}{safe_name(self.suffix, '--suffix')}"
+        paths = {"mask": child_path(self.folder, base + ".nii.gz"), "json": child_path(self.folder, base + ".json")}
+        if self.png:
+            paths["png"] = child_path(self.folder, base + ".png")
+        if self.probabilities:
+            paths["probabilities"] = child_path(self.folder, base + PROBABILITIES_SUFFIX)
+        if self.dicom_seg and scan.kind == DICOM:
+            paths["dicom_seg"] = child_path(self.folder, base + ".dcm")
+        return paths
+
+    def check(self, scans: Sequence[Scan], inputs: Sequence = ()) -> list[Scan]:
+        """Every output of every scan may be written (:func:`aqcf.io.check_output`), before any work starts.
+
+        Args:
+            scans: the scans to be segmented.
+            inputs: further files no output may replace (the checkpoints).
+
+        Returns:
+            The scans to segment: all of them, or with :attr:`resume` those whose outputs are not
+            complete (:func:`is_complete`); their incomplete outputs may be replaced.
+        """
+        check_output(self.folder, kind="cache")  # a folder, or one that can be made
+        sources = [scan.source for scan in scans] + list(inputs)
+        todo = []
+        for scan in scans:
+            paths = self.paths(scan)
+            for path in paths.values():
+                check_output(path, inputs=sources, overwrite=True)  # outputs never replace inputs
+            if self.resume and is_complete(paths):
+                continue
+            for path in paths.values():
+                check_output(path, inputs=sources, overwrite=self.overwrite or self.resume)
+            todo.append(scan)
+        return todo
 
 
 def is_complete(paths: dict[str, Path]) -> bool:
@@ -211,38 +254,6 @@ def is_complete(paths: dict[str, Path]) -> bool:
     except Exception:  # any unreadable output means: redo the scan
         return False
     return True
-
-
-def _check_outputs(
-    scans: Sequence[Scan],
-    out_dir: Path,
-    suffix: str,
-    png: bool,
-    overwrite: bool,
-    inputs: Sequence = (),
-    probabilities: bool = False,
-    dicom_seg: bool = False,
-    resume: bool = False,
-) -> list[Scan]:
-    """Every output of every scan may be written (:func:`aqcf.io.check_output`), before any work starts.
-
-    Returns:
-        The scans to segment: all of them, or with ``resume`` those whose outputs are not complete
-        (:func:`is_complete`); their incomplete outputs may be replaced.
-    """
-    check_output(out_dir, kind="cache")  # a folder, or one that can be made
-    sources = [scan.source for scan in scans] + list(inputs)
-    todo = []
-    for scan in scans:
-        paths = output_paths(scan, out_dir, suffix, png, probabilities, dicom_seg)
-        for path in paths.values():
-            check_output(path, inputs=sources, overwrite=True)  # outputs never replace inputs
-        if resume and is_complete(paths):
-            continue
-        for path in paths.values():
-            check_output(path, inputs=sources, overwrite=overwrite or resume)
-        todo.append(scan)
-    return todo
 
 
 def write_mask(path: str | Path, labels: np.ndarray, reference: nib.spatialimages.SpatialImage) -> Path:
@@ -322,19 +333,107 @@ def _json_text(data: dict) -> str:
     return json.dumps(data, indent=1, allow_nan=False) + "\n"
 
 
+def _warn_if_regridded(scan: Scan, result, reference) -> None:
+    """Warn when the grid the prediction was made on is not the grid the mask is written on."""
+    if not np.allclose(result.record["original_affine"], reference.affine, atol=MASK_GRID_TOLERANCE_MM):
+        warnings.warn(
+            f"{scan.source}: the affine read for preprocessing differs from the NIfTI header's "
+            "(sform with shear?); the mask is written with the header's",
+            stacklevel=4,  # the caller of segment_scans / segment_patient
+        )
+
+
+def _write_outputs(paths: dict[str, Path], title: str, labels: np.ndarray, result, reference, slices) -> dict:
+    """Write one scan's probabilities, DICOM Segmentation, mask and overlay (as ``paths`` names them);
+    returns its clinical measures (:func:`aqcf.inference.measures.scan_measures`)."""
+    from aqcf.inference.measures import scan_measures
+
+    if "probabilities" in paths:
+        write_probabilities(paths["probabilities"], result.probabilities)
+    if "dicom_seg" in paths:
+        from aqcf.inference.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(paths["dicom_seg"], labels, slices)
+    # the mask last: --continue takes a scan whose mask reads back whole as done
+    write_mask(paths["mask"], labels, reference)
+    measures = scan_measures(labels, reference.affine)
+    if "png" in paths:
+        _overlay(paths["png"], reference, labels, title)
+    return measures
+
+
+def _write_result(
+    scan: Scan,
+    modality: str,
+    result,
+    reference,
+    outputs: Outputs,
+    *,
+    settings: dict,
+    postprocessing: str,
+    start: float,
+    slices: Sequence | None = None,
+    patient: dict | None = None,
+) -> dict:
+    """Post-process one scan's segmentation, write its outputs and its JSON record; returns the record.
+
+    Args:
+        scan: the scan (its ``name`` is the output stem).
+        modality: the stream it was segmented as.
+        result: the :class:`aqcf.inference.predictor.Segmentation` on the scan's grid.
+        reference: the scan's nibabel image (the mask takes its geometry).
+        outputs: what to write, where.
+        settings: the predictor's settings, recorded under ``inference``.
+        postprocessing: one of :data:`aqcf.inference.postprocess.POSTPROCESSING`.
+        start: :func:`time.perf_counter` when the scan's work began (for ``seconds.total``).
+        slices: the DICOM source slices in volume order, for a DICOM Segmentation.
+        patient: for scans segmented together, ``{"inputs", "grid"}`` recorded after ``modality``.
+    """
+    from aqcf.inference.postprocess import postprocess
+    from aqcf.io import write_text_atomic
+
+    labels = postprocess(result.labels, postprocessing)
+    _warn_if_regridded(scan, result, reference)
+    paths = outputs.paths(scan)
+    measures = _write_outputs(paths, f"{scan.name} ({modality.upper()})", labels, result, reference, slices)
+    record = {
+        "input": str(scan.source),
+        "input_kind": scan.kind,
+        "mask": str(paths["mask"]),
+        "modality": modality,
+        **(patient or {}),
+        "shape": [int(n) for n in labels.shape],
+        "spacing_mm": [float(s) for s in np.linalg.norm(np.asarray(reference.affine)[:3, :3], axis=0)],
+        **measures,
+        "inference": {**settings, "postprocessing": postprocessing},
+        **{key: str(paths[key]) for key in ("probabilities", "dicom_seg") if key in paths},
+        "seconds": {k: round(v, 3) for k, v in {**result.seconds, "total": time.perf_counter() - start}.items()},
+    }
+    write_text_atomic(paths["json"], _json_text(record))
+    return record
+
+
+def _written(scan: Scan, record: dict) -> str:
+    """The line printed for a segmented scan: its measures and its mask."""
+    from aqcf.inference.measures import format_measures
+
+    return f"{scan.name}: {format_measures(record)} -> {record['mask']}"
+
+
+def _skipped(scans: Sequence[Scan], todo: Sequence[Scan]) -> None:
+    """Print one line per scan ``--continue`` skips."""
+    for scan in scans:
+        if scan not in todo:
+            print(f"{scan.name}: complete, skipped (--continue)", file=sys.stdout)
+
+
 def segment_scans(
     scans: Sequence[Scan],
     predictor,
     modality: str,
-    out_dir: str | Path,
-    suffix: str = DEFAULT_SUFFIX,
-    overwrite: bool = False,
-    png: bool = False,
+    outputs: Outputs,
     progress: bool = True,
-    probabilities: bool = False,
     postprocessing: str = "none",
-    dicom_seg: bool = False,
-    resume: bool = False,
 ) -> list[dict]:
     """Segment each scan, write its mask, measures JSON and (optionally) overlay, print one line each.
 
@@ -343,71 +442,26 @@ def segment_scans(
         predictor: an :class:`aqcf.inference.predictor.Predictor` or
             :class:`aqcf.inference.ensemble.EnsemblePredictor`.
         modality: ``"ct"`` or ``"mri"`` (one for all scans).
-        out_dir: output folder (created).
-        suffix: appended to each scan's stem in the output names.
-        overwrite: replace existing outputs; otherwise any existing one is an error before work starts.
-        png: also write an overlay PNG per scan.
+        outputs: what to write for each scan, where (:class:`Outputs`; the folder is created).
         progress: show a progress bar over scans.
-        probabilities: also write the softmax (:func:`write_probabilities`), before post-processing.
         postprocessing: one of :data:`aqcf.inference.postprocess.POSTPROCESSING`, applied to the mask.
-        dicom_seg: for a DICOM scan, also write a DICOM Segmentation (:mod:`aqcf.inference.dicom_seg`).
-        resume: skip scans whose outputs are complete (:func:`is_complete`), redo the others.
 
     Returns:
         The JSON records written, one per scan segmented.
     """
     from tqdm.auto import tqdm
 
-    from aqcf.inference.measures import format_measures, scan_measures
-    from aqcf.inference.postprocess import postprocess
-    from aqcf.io import write_text_atomic
-
     modality = predictor.check_modality(modality)
-    out_dir = Path(out_dir)
-    todo = _check_outputs(scans, out_dir, suffix, png, overwrite, (), probabilities, dicom_seg, resume)
-    for scan in scans:
-        if scan not in todo:
-            print(f"{scan.name}: complete, skipped (--continue)", file=sys.stdout)
+    todo = outputs.check(scans)
+    _skipped(scans, todo)
     records = []
     for scan in tqdm(todo, desc="aqcf segment", unit="scan", disable=not progress, file=sys.stderr):
         start = time.perf_counter()
-        paths = output_paths(scan, out_dir, suffix, png, probabilities, dicom_seg)
         with _opened(scan) as (nifti, reference, slices):
-            result = predictor.segment_file(nifti, modality, probabilities=probabilities)
-            result.labels = postprocess(result.labels, postprocessing)
-            if not np.allclose(result.record["original_affine"], reference.affine, atol=AFFINE_TOLERANCE_MM):
-                warnings.warn(
-                    f"{scan.source}: the affine read for preprocessing differs from the NIfTI header's "
-                    "(sform with shear?); the mask is written with the header's",
-                    stacklevel=2,
-                )
-            if probabilities:
-                write_probabilities(paths["probabilities"], result.probabilities)
-            if "dicom_seg" in paths:
-                from aqcf.inference.dicom_seg import write_dicom_seg
-
-                write_dicom_seg(paths["dicom_seg"], result.labels, slices)
-            # the mask last: --continue takes a scan whose mask reads back whole as done
-            write_mask(paths["mask"], result.labels, reference)
-            measures = scan_measures(result.labels, reference.affine)
-            if png:
-                _overlay(paths["png"], reference, result.labels, f"{scan.name} ({modality.upper()})")
-        seconds = {**result.seconds, "total": time.perf_counter() - start}
-        record = {
-            "input": str(scan.source),
-            "input_kind": scan.kind,
-            "mask": str(paths["mask"]),
-            "modality": modality,
-            "shape": [int(n) for n in result.labels.shape],
-            "spacing_mm": [float(s) for s in np.linalg.norm(np.asarray(reference.affine)[:3, :3], axis=0)],
-            **measures,
-            "inference": {**predictor.settings(), "postprocessing": postprocessing},
-            **({"probabilities": str(paths["probabilities"])} if probabilities else {}),
-            **({"dicom_seg": str(paths["dicom_seg"])} if "dicom_seg" in paths else {}),
-            "seconds": {k: round(v, 3) for k, v in seconds.items()},
-        }
-        write_text_atomic(paths["json"], _json_text(record))
-        tqdm.write(f"{scan.name}: {format_measures(measures)} -> {paths['mask']}", file=sys.stdout)
+            result = predictor.segment_file(nifti, modality, probabilities=outputs.probabilities)
+            record = _write_result(scan, modality, result, reference, outputs, settings=predictor.settings(),
+                                   postprocessing=postprocessing, start=start, slices=slices)
+        tqdm.write(_written(scan, record), file=sys.stdout)
         records.append(record)
     return records
 
@@ -416,13 +470,8 @@ def segment_patient(
     scans: Sequence[Scan],
     modalities: Sequence[str],
     predictor,
-    out_dir: str | Path,
-    suffix: str = DEFAULT_SUFFIX,
-    overwrite: bool = False,
-    png: bool = False,
-    probabilities: bool = False,
+    outputs: Outputs,
     postprocessing: str = "none",
-    resume: bool = False,
 ) -> list[dict]:
     """Segment co-registered scans of one patient together and write every given stream's outputs.
 
@@ -435,73 +484,42 @@ def segment_patient(
         scans: one scan per modality (:func:`find_scans`), in the order of ``modalities``.
         modalities: distinct modalities the model was trained on; the first one's grid is used.
         predictor: a single :class:`aqcf.inference.predictor.Predictor` (no ensemble, no TTA).
-        out_dir, suffix, overwrite, png, probabilities, postprocessing: as in :func:`segment_scans`.
-        resume: with every mask of the patient complete (:func:`is_complete`) do nothing; otherwise
-            redo the patient.
+        outputs: as in :func:`segment_scans`, without DICOM Segmentations; with ``resume`` and every
+            mask of the patient complete (:func:`is_complete`) nothing is done, otherwise the patient
+            is redone.
+        postprocessing: as in :func:`segment_scans`.
 
     Returns:
         The JSON records written, one per modality.
     """
-    from aqcf.inference.measures import format_measures, scan_measures
     from aqcf.inference.multimodal import segment_present
-    from aqcf.inference.postprocess import postprocess
-    from aqcf.io import write_text_atomic
 
     modalities = [predictor.check_modality(m) for m in modalities]
     if len(scans) != len(modalities):
         raise AqcfError(f"{len(modalities)} modalities need one scan each, got {len(scans)} scans")
-    outputs = [replace(scan, name=f"{scans[0].name}_{m}") for scan, m in zip(scans, modalities, strict=True)]
-    out_dir = Path(out_dir)
-    if not _check_outputs(outputs, out_dir, suffix, png, overwrite, (), probabilities, False, resume):
-        for scan in outputs:
-            print(f"{scan.name}: complete, skipped (--continue)", file=sys.stdout)
+    named = [replace(scan, name=f"{scans[0].name}_{m}") for scan, m in zip(scans, modalities, strict=True)]
+    outputs = replace(outputs, dicom_seg=False)
+    if not outputs.check(named):
+        _skipped(named, ())
         return []
+    # the patient's scans, in the order given; the first one's preprocessed grid was the common grid
+    patient = {"inputs": {m: str(s.source) for m, s in zip(modalities, scans, strict=True)}, "grid": modalities[0]}
     start = time.perf_counter()
     records = []
     with contextlib.ExitStack() as stack:
         opened = [stack.enter_context(_opened(scan)) for scan in scans]
-        results = segment_present(
-            {m: nifti for m, (nifti, _, _) in zip(modalities, opened, strict=True)}, predictor, probabilities
-        )
-        for scan, modality, (_, reference, _) in zip(outputs, modalities, opened, strict=True):
-            result = results[modality]
-            labels = postprocess(result.labels, postprocessing)
-            if not np.allclose(result.record["original_affine"], reference.affine, atol=AFFINE_TOLERANCE_MM):
-                warnings.warn(
-                    f"{scan.source}: the affine read for preprocessing differs from the NIfTI header's "
-                    "(sform with shear?); the mask is written with the header's",
-                    stacklevel=2,
-                )
-            paths = output_paths(scan, out_dir, suffix, png, probabilities)
-            if probabilities:
-                write_probabilities(paths["probabilities"], result.probabilities)
-            write_mask(paths["mask"], labels, reference)
-            measures = scan_measures(labels, reference.affine)
-            if png:
-                _overlay(paths["png"], reference, labels, f"{scan.name} ({modality.upper()})")
-            record = {
-                "input": str(scan.source),
-                "input_kind": scan.kind,
-                "mask": str(paths["mask"]),
-                "modality": modality,
-                # the patient's scans, in the order given; the first one's preprocessed grid was the common grid
-                "inputs": {m: str(s.source) for m, s in zip(modalities, scans, strict=True)},
-                "grid": modalities[0],
-                "shape": [int(n) for n in labels.shape],
-                "spacing_mm": [float(s) for s in np.linalg.norm(np.asarray(reference.affine)[:3, :3], axis=0)],
-                **measures,
-                "inference": {**predictor.settings(), "postprocessing": postprocessing},
-                **({"probabilities": str(paths["probabilities"])} if probabilities else {}),
-                "seconds": {k: round(v, 3) for k, v in {**result.seconds,
-                                                        "total": time.perf_counter() - start}.items()},
-            }
-            write_text_atomic(paths["json"], _json_text(record))
-            print(f"{scan.name}: {format_measures(measures)} -> {paths['mask']}", file=sys.stdout)
+        niftis = {m: nifti for m, (nifti, _, _) in zip(modalities, opened, strict=True)}
+        results = segment_present(niftis, predictor, outputs.probabilities)
+        for scan, modality, (_, reference, _) in zip(named, modalities, opened, strict=True):
+            record = _write_result(scan, modality, results[modality], reference, outputs,
+                                   settings=predictor.settings(), postprocessing=postprocessing, start=start,
+                                   patient=patient)
+            print(_written(scan, record), file=sys.stdout)
             records.append(record)
     return records
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> argparse.ArgumentParser:  # a flag list: one add_argument per flag, no logic to split
     from aqcf.errors import ArgumentParser
 
     p = ArgumentParser(
@@ -569,71 +587,93 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``aqcf segment``: returns the exit code."""
-    parser = _parser()
-    args = parser.parse_args(argv)
-    from aqcf.inference.ensemble import EnsemblePredictor, checkpoint_paths
-    from aqcf.inference.predictor import Predictor, load_checkpoint_info
+def _outputs(args: argparse.Namespace) -> Outputs:
+    """The :class:`Outputs` the command line asks for."""
+    return Outputs(Path(args.out), args.suffix, png=args.png, probabilities=args.save_probabilities,
+                   dicom_seg=args.dicom_seg, overwrite=args.overwrite, resume=args.resume)
 
-    inputs = [*args.inputs, *args.more_inputs]
-    if not inputs:
-        parser.error("give at least one INPUT (positional or -i)")
-    if len(args.modality) > 1:
-        return _main_patient(parser, args, inputs)
-    args.modality = args.modality[0]
-    if args.backend == "torch":
-        if not args.ckpt or args.onnx:
-            parser.error("--backend torch needs --ckpt (and no --onnx)")
-        models = checkpoint_paths(args.ckpt)
-        for path in models:
-            load_checkpoint_info(path)  # a missing, damaged or foreign checkpoint fails before the inputs are read
-    else:
+
+def _window(args: argparse.Namespace) -> dict:
+    """The sliding-window flags as predictor keywords (``None``: the model's own setting)."""
+    return dict(roi_size=args.window, overlap=args.overlap, batch_size=args.sw_batch_size, mode=args.blend,
+                stitch_on_cpu=args.stitch_on_cpu)
+
+
+def _set_absent_context(parser: argparse.ArgumentParser, predictor, context: str | None) -> None:
+    """Apply ``--absent-context`` to a checkpoint predictor's network (``None`` keeps the checkpoint's)."""
+    if context is None:
+        return
+    if not hasattr(predictor.network, "absent_context"):
+        parser.error(f"--absent-context: the network of {predictor.source} has no A-QCF blocks")
+    predictor.network.absent_context = context
+
+
+def _models(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Path]:
+    """The checkpoints (``--backend torch``, each checked before any input is read) or ONNX models."""
+    from aqcf.inference.ensemble import checkpoint_paths
+    from aqcf.inference.predictor import load_checkpoint_info
+
+    if args.backend != "torch":
         if not args.onnx or args.ckpt:
             parser.error("--backend onnxruntime needs --onnx (and no --ckpt: the settings come from model.onnx.json)")
-        models = [Path(path) for path in args.onnx]
-    if args.dicom_seg:
-        from aqcf.inference.dicom_seg import require_highdicom
+        return [Path(path) for path in args.onnx]
+    if not args.ckpt or args.onnx:
+        parser.error("--backend torch needs --ckpt (and no --onnx)")
+    models = checkpoint_paths(args.ckpt)
+    for path in models:
+        load_checkpoint_info(path)  # a missing, damaged or foreign checkpoint fails before the inputs are read
+    return models
 
-        require_highdicom()
-    scans = find_scans(inputs, series=args.series)
-    extra = dict(probabilities=args.save_probabilities, dicom_seg=args.dicom_seg, resume=args.resume)
-    _check_outputs(scans, Path(args.out), args.suffix, args.png, args.overwrite, models, **extra)
-    window = dict(roi_size=args.window, overlap=args.overlap, batch_size=args.sw_batch_size, mode=args.blend,
-                  stitch_on_cpu=args.stitch_on_cpu)
+
+def _predictor(parser: argparse.ArgumentParser, args: argparse.Namespace, models: Sequence[Path]):
+    """One predictor per model, averaged by an ensemble when there are several."""
+    from aqcf.inference.ensemble import EnsemblePredictor
+    from aqcf.inference.predictor import Predictor
+
     if args.backend == "torch":
         predictors = [
-            Predictor.from_checkpoint(path, device=args.device, precision=args.precision, tta=args.tta, **window)
+            Predictor.from_checkpoint(path, device=args.device, precision=args.precision, tta=args.tta, **_window(args))
             for path in models
         ]
-        if args.absent_context is not None:
-            for one in predictors:
-                if not hasattr(one.network, "absent_context"):
-                    parser.error(f"--absent-context: the network of {one.source} has no A-QCF blocks")
-                one.network.absent_context = args.absent_context
+        for one in predictors:
+            _set_absent_context(parser, one, args.absent_context)
     else:
         if args.absent_context is not None:
             parser.error("--absent-context needs --backend torch (an exported graph has its setting built in)")
         from aqcf.inference.onnx_backend import onnx_predictor
 
-        predictors = [onnx_predictor(path, tta=args.tta, **window) for path in models]
-    predictor = predictors[0] if len(predictors) == 1 else EnsemblePredictor(predictors)
-    trained = predictors[0].modalities
-    if args.modality.lower() not in (*trained, *MODALITIES):
-        # a name no model knows (ct / mri untrained by this model: the predictor's own message below)
-        parser.error(f"--modality {args.modality!r}: {predictors[0].source} was trained on {', '.join(trained)}")
-    segment_scans(
-        scans,
-        predictor,
-        args.modality,
-        args.out,
-        suffix=args.suffix,
-        overwrite=args.overwrite,
-        png=args.png,
-        progress=not args.no_progress,
-        postprocessing=args.postprocess,
-        **extra,
-    )
+        predictors = [onnx_predictor(path, tta=args.tta, **_window(args)) for path in models]
+    return predictors[0] if len(predictors) == 1 else EnsemblePredictor(predictors)
+
+
+def _check_trained(parser: argparse.ArgumentParser, modality: str, predictor) -> None:
+    """``--modality`` must name a stream the model knows; ct / mri it was not trained on are refused by
+    the predictor itself, with its own message."""
+    if modality.lower() not in (*predictor.modalities, *MODALITIES):
+        parser.error(f"--modality {modality!r}: {predictor.source} was trained on {', '.join(predictor.modalities)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``aqcf segment``: returns the exit code."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    inputs = [*args.inputs, *args.more_inputs]
+    if not inputs:
+        parser.error("give at least one INPUT (positional or -i)")
+    if len(args.modality) > 1:
+        return _main_patient(parser, args, inputs)
+    modality = args.modality[0]
+    models = _models(parser, args)
+    if args.dicom_seg:
+        from aqcf.inference.dicom_seg import require_highdicom
+
+        require_highdicom()
+    scans = find_scans(inputs, series=args.series)
+    outputs = _outputs(args)
+    outputs.check(scans, inputs=models)
+    predictor = _predictor(parser, args, models)
+    _check_trained(parser, modality, predictor)
+    segment_scans(scans, predictor, modality, outputs, progress=not args.no_progress, postprocessing=args.postprocess)
     return 0
 
 
@@ -663,19 +703,9 @@ def _main_patient(parser: argparse.ArgumentParser, args: argparse.Namespace, inp
     if len(scans) != len(names):
         parser.error(f"several --modality need one scan per input (a NIfTI file or a DICOM series folder); "
                      f"the {len(inputs)} inputs hold {len(scans)} scans")
-    predictor = Predictor.from_checkpoint(
-        models[0], device=args.device, precision=args.precision, roi_size=args.window, overlap=args.overlap,
-        batch_size=args.sw_batch_size, mode=args.blend, stitch_on_cpu=args.stitch_on_cpu,
-    )
-    if args.absent_context is not None:
-        if not hasattr(predictor.network, "absent_context"):
-            parser.error(f"--absent-context: the network of {predictor.source} has no A-QCF blocks")
-        predictor.network.absent_context = args.absent_context
+    predictor = Predictor.from_checkpoint(models[0], device=args.device, precision=args.precision, **_window(args))
+    _set_absent_context(parser, predictor, args.absent_context)
     for name in names:
-        if name not in (*predictor.modalities, *MODALITIES):
-            parser.error(f"--modality {name!r}: {predictor.source} was trained on {', '.join(predictor.modalities)}")
-    segment_patient(
-        scans, names, predictor, args.out, suffix=args.suffix, overwrite=args.overwrite, png=args.png,
-        probabilities=args.save_probabilities, postprocessing=args.postprocess, resume=args.resume,
-    )
+        _check_trained(parser, name, predictor)
+    segment_patient(scans, names, predictor, _outputs(args), postprocessing=args.postprocess)
     return 0
