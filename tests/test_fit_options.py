@@ -7,7 +7,7 @@ import hashlib
 import pytest
 import torch
 
-import aqcf.models.segmentation as segmentation
+import aqcf.networks.sliding_window as sliding_window
 from aqcf.cli import main
 from aqcf.models.segmentation import SegmentationModule
 from aqcf.networks.aqcfnet import AQCFNet
@@ -24,13 +24,14 @@ def _sha(path) -> str:
 
 def test_validation_uses_val_overlap_and_test_the_paper_overlap(monkeypatch):
     seen = []
-    real = segmentation.sliding_window_inference
+    real = sliding_window.sliding_window_inference
 
     def spy(*args, **kwargs):
         seen.append(kwargs["overlap"])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(segmentation, "sliding_window_inference", spy)
+    # validation and test share the predictor's sliding-window core
+    monkeypatch.setattr(sliding_window, "sliding_window_inference", spy)
     module = SegmentationModule(AQCFNet(widths=TINY), patch_size=(32, 32, 16), sw_overlap=0.8, val_overlap=0.25)
     module.eval()
     batch = {

@@ -2,7 +2,9 @@
 
 Defaults added here so every config gets them: a checkpoint callback (best by mean validation Dice and
 ``last.ckpt`` in ``<default_root_dir>/checkpoints``), validation overlay pictures, the learning-rate
-monitor, atomic checkpoint writes, and a W&B fallback to offline mode when no API key is configured.
+monitor, the writers of ``test`` results (:class:`~aqcf.evaluation.test_results.TestResultsWriter`) and
+``predict`` masks (:class:`~aqcf.inference.writer.PredictionMaskWriter`), atomic checkpoint writes, and a
+W&B fallback to offline mode when no API key is configured.
 
 Checked before any work starts (one ``aqcf: error:`` line, exit 2, see :mod:`aqcf.cli`): the run folder,
 checkpoint folder and cache folder can be folders; ``--init_from`` (fit only, not with ``--ckpt_path``: the
@@ -29,6 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from aqcf.data.datamodule import UnpairedDataModule
 from aqcf.errors import AqcfError, one_line
 from aqcf.evaluation.evaluate import METRICS_FILE, SUMMARY_FILE
+from aqcf.evaluation.test_results import TestResultsWriter, results_folder
 from aqcf.inference.writer import PREDICTIONS_DIR, PredictionMaskWriter
 from aqcf.io import check_output, safe_name
 from aqcf.models.segmentation import MONITOR, SegmentationModule
@@ -110,6 +113,8 @@ class AqcfCLI(LightningCLI):
         parser.add_lightning_class_args(StepTimer, "step_timer")
         # `aqcf predict` writes masks in each scan's original geometry (inactive in fit/validate/test)
         parser.add_lightning_class_args(PredictionMaskWriter, "prediction_writer")
+        # `aqcf test` writes per-case metrics and overlays (settings: model.test_output, model.test_overlays)
+        parser.add_lightning_class_args(TestResultsWriter, "test_results")
         parser.set_defaults({"lr_monitor.logging_interval": "epoch"})
         # the sliding window of validation is the training patch
         parser.link_arguments("data.patch_size", "model.patch_size")
@@ -264,7 +269,7 @@ def _check_results(subcommand: str | None, config, ckpt: str | None) -> None:
     overwrite = bool(config.get("overwrite"))
     root = Path(config.trainer.default_root_dir)
     if subcommand == "test":
-        folder = config.model.get("test_output") or root / "test"
+        folder = results_folder(config.model.get("test_output"), root)
         check_output(folder, inputs=[ckpt], overwrite=overwrite, kind="folder",
                      names=(METRICS_FILE, SUMMARY_FILE), flag="--overwrite true")
     elif subcommand == "predict":

@@ -6,29 +6,32 @@ MONAI ``DiceCELoss`` per stream. A network of M named streams (``modalities=("ct
 trains the same way on one patch per cohort: ``forward_streams({name: image})``, M losses summed.
 
 Validation and test run the path a user deploys (eq. 17): whole preprocessed volumes, one modality at
-a time, MONAI sliding-window inference with Gaussian blending, the absent stream zero-filled by the
-network's ``forward_single``.
+a time, MONAI sliding-window inference with Gaussian blending
+(:func:`aqcf.networks.sliding_window.sliding_window_logits`, the predictor's), the absent stream zero-filled
+by the network's ``forward_single``.
+
+The module trains and evaluates; it writes no files. The test's per-case metrics and overlays are written by
+:class:`aqcf.evaluation.test_results.TestResultsWriter` from what :meth:`SegmentationModule.test_step`
+returns, the validation overlays by :class:`aqcf.training.callbacks.ValidationOverlays`, the masks of
+``aqcf predict`` by :class:`aqcf.inference.writer.PredictionMaskWriter`.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from torchmetrics import Metric
 
 from aqcf.constants import IMAGE, LABEL, MODALITIES, check_name, declare_modalities, region_mask
 from aqcf.errors import AqcfError
+from aqcf.networks.sliding_window import WindowSettings, argmax_labels, sliding_window_logits
 
 __all__ = ["SegmentationModule", "PooledDice", "class_masks", "MONITOR"]
 
@@ -88,8 +91,11 @@ class SegmentationModule(L.LightningModule):
         sw_batch_size: windows per forward pass in sliding-window inference.
         sw_mode: blending of overlapping windows ("gaussian" or "constant").
         stitch_on_cpu: keep the stitched whole-volume logits on the CPU so large volumes fit in GPU memory.
-        test_output: where ``aqcf test`` writes per-case metrics; default ``<default_root_dir>/test``.
-        test_overlays: ``aqcf test`` also draws this many cases per modality (``<test_output>/overlays``).
+        test_output: where ``aqcf test`` writes per-case metrics; default ``<default_root_dir>/test``. Read
+            by :class:`aqcf.evaluation.test_results.TestResultsWriter`, which writes them (this module
+            writes no files).
+        test_overlays: ``aqcf test`` also draws this many cases per modality (``<test_output>/overlays``),
+            by the same writer.
         compile: compile the network with ``torch.compile`` (its ``forward`` and ``forward_single``; the
             weights and checkpoint keys are unchanged).
         compile_mode: ``torch.compile`` mode (``"reduce-overhead"`` uses CUDA graphs on a GPU).
@@ -105,10 +111,10 @@ class SegmentationModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         scheduler: LRSchedulerCallable | None = None,
         patch_size: Sequence[int] = (256, 256, 16),
-        sw_overlap: float = 0.8,
+        sw_overlap: float = WindowSettings.overlap,
         val_overlap: float | None = 0.5,
-        sw_batch_size: int = 2,
-        sw_mode: str = "gaussian",
+        sw_batch_size: int = WindowSettings.batch_size,
+        sw_mode: str = WindowSettings.mode,
         stitch_on_cpu: bool = False,
         test_output: str | None = None,
         test_overlays: int = 4,
@@ -141,12 +147,10 @@ class SegmentationModule(L.LightningModule):
         self.stitch_on_cpu = bool(stitch_on_cpu)
         self.test_output = test_output
         self.test_overlays = int(test_overlays)
-        self._overlays_drawn: dict[str, int] = {}
         # further stream names (t2, ...) become valid modalities wherever this model's outputs go
         self.modalities = declare_modalities(tuple(getattr(network, "modalities", MODALITIES)))
         self.val_dice = nn.ModuleDict({m: PooledDice() for m in self.modalities})
         self.test_dice = nn.ModuleDict({m: PooledDice() for m in self.modalities})
-        self._test_rows: list[dict] = []
         #: first validation case per modality as numpy arrays (image, label, prediction), for overlays
         self.overlay_cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
@@ -184,18 +188,15 @@ class SegmentationModule(L.LightningModule):
 
         ``overlap`` defaults to ``sw_overlap`` (the test's); validation passes ``val_overlap``.
         """
-        # any stream name; the network refuses one it does not serve
-        modality = check_name(modality)
-        predictor = functools.partial(self.network.forward_single, modality=modality)
-        return sliding_window_inference(
-            image,
+        window = WindowSettings(
             roi_size=self.patch_size,
-            sw_batch_size=self.sw_batch_size,
-            predictor=predictor,
             overlap=self.sw_overlap if overlap is None else overlap,
+            batch_size=self.sw_batch_size,
             mode=self.sw_mode,
-            device=torch.device("cpu") if self.stitch_on_cpu else None,
+            stitch_on_cpu=self.stitch_on_cpu,
         )
+        # precision "32": no autocast of its own, so Lightning's (the trainer's precision) applies
+        return sliding_window_logits(self.network, image, modality, window, device=image.device)
 
     def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
         if self.modalities == MODALITIES:
@@ -288,52 +289,37 @@ class SegmentationModule(L.LightningModule):
         return {k: float(v) for k, v in values.items()}
 
     # --------------------------------------------------------------------------------------------- test
-    def _test_dir(self) -> Path:
-        return Path(self.test_output or os.path.join(self.trainer.default_root_dir, "test"))
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        """``aqcf test``: the pooled test Dice of one whole volume, and the case for the results writer.
 
-    def on_test_epoch_start(self) -> None:
-        self._test_rows = []
-        self._overlays_drawn = {}
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        from aqcf.evaluation.metrics import evaluate_case
-
+        Returns:
+            ``{"id", "modality", "spacing", "image", "label", "prediction"}`` with ``spacing`` the voxel
+            size in mm and the three volumes (X, Y, Z) numpy arrays on the CPU (image float32, label and
+            prediction int64), or None for a modality this model does not serve.
+            :class:`aqcf.evaluation.test_results.TestResultsWriter` scores and draws them.
+        """
         modality, prediction, label = self._evaluate_volume(batch, "test")
         if prediction is None:
-            return
-        spacing = tuple(float(s) for s in batch["spacing"][0])
-        self._test_rows += evaluate_case(
-            prediction[0, 0].cpu().numpy(),
-            label[0, 0].cpu().numpy(),
-            spacing=spacing,
-            case=batch["id"][0],
-            modality=modality,
-        )
-        if self._overlays_drawn.get(modality, 0) < self.test_overlays:
-            from aqcf.visualize import save_overlay_png
-
-            self._overlays_drawn[modality] = self._overlays_drawn.get(modality, 0) + 1
-            save_overlay_png(
-                self._test_dir() / "overlays" / f"{modality}_{batch['id'][0]}.png",
-                batch[IMAGE][0, 0].float().cpu().numpy(),
-                {"ground truth": label[0, 0].cpu().numpy(), "prediction": prediction[0, 0].cpu().numpy()},
-                title=f"{modality.upper()} {batch['id'][0]} (held out)",
-            )
+            return None
+        return {
+            "id": batch["id"][0],
+            "modality": modality,
+            "spacing": tuple(float(s) for s in batch["spacing"][0]),
+            "image": batch[IMAGE][0, 0].float().cpu().numpy(),
+            "label": label[0, 0].cpu().numpy(),
+            "prediction": prediction[0, 0].cpu().numpy(),
+        }
 
     def on_test_epoch_end(self) -> None:
-        from aqcf.evaluation.evaluate import write_results
-
         self._log_dice("test", self.test_dice)
-        rows = self._test_rows
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[list[dict]] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        if self.trainer.is_global_zero and rows:
-            write_results(rows, self._test_dir(), overwrite=True, info=self._test_info())
 
-    def _test_info(self) -> dict:
-        """What produced these results: the checkpoint and the validation protocol that selected it."""
+    def test_info(self) -> dict:
+        """What produced the test results: the checkpoint and the validation protocol that selected it.
+
+        Stored under ``"source"`` in ``summary.json`` by
+        :class:`aqcf.evaluation.test_results.TestResultsWriter`; the checkpoint's own data settings are
+        known here (:meth:`on_load_checkpoint`).
+        """
         info = {"checkpoint": self.trainer.ckpt_path}
         datamodule = getattr(self.trainer, "datamodule", None)
         # the checkpoint's own data settings when it has them (they selected it), else this run's
@@ -367,7 +353,7 @@ class SegmentationModule(L.LightningModule):
             "id": batch["id"][0],
             "modality": modality,
             "record": batch.get("record", [None])[0],
-            "labels": logits.argmax(dim=1)[0].to(torch.uint8).cpu(),
+            "labels": argmax_labels(logits),
         }
 
     # -------------------------------------------------------------------------------------- optimizers
