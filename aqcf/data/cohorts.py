@@ -35,13 +35,12 @@ import numpy as np
 
 from aqcf.constants import CT, MRI, check_label_values, check_modality, check_name
 from aqcf.data import gate
-from aqcf.data.gate import AFFINE_TOLERANCE_MM, SAME_GRID_TOLERANCE_MM, check_same_grid
+from aqcf.data.gate import SAME_GRID_TOLERANCE_MM, check_same_grid
 from aqcf.errors import AqcfError
 
 __all__ = [
     "Case",
     "SAME_GRID_TOLERANCE_MM",
-    "AFFINE_TOLERANCE_MM",  # the deprecated name of SAME_GRID_TOLERANCE_MM
     "READERS",
     "natural_key",
     "read_lits",

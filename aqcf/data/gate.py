@@ -40,7 +40,6 @@ from aqcf.io import is_nifti_name
 
 __all__ = [
     "SAME_GRID_TOLERANCE_MM",
-    "AFFINE_TOLERANCE_MM",
     "MONOCHROME",
     "Volume",
     "CaseErrors",
@@ -63,7 +62,6 @@ SAME_GRID_TOLERANCE_MM = 1e-2
 """Largest difference (mm, per affine entry) at which two files still lie on one voxel grid: an image
 and its label map, a prediction and its reference, a mask and its scan."""
 
-AFFINE_TOLERANCE_MM = SAME_GRID_TOLERANCE_MM  # deprecated name, kept while data/preprocess.py imports it
 
 MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 """DICOM PhotometricInterpretation values of a grey-scale scan."""

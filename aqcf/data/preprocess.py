@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.constants import CLASS_NAMES, CT, MRI, check_name
+from aqcf.constants import CLASS_NAMES, CT, MRI, check_label_values, check_name
 from aqcf.data import gate
-from aqcf.data.cohorts import AFFINE_TOLERANCE_MM, check_label_values, check_same_grid, read_cohort
+from aqcf.data.cohorts import check_same_grid, read_cohort
+from aqcf.data.gate import SAME_GRID_TOLERANCE_MM
 from aqcf.errors import AqcfError, ArgumentParser
 
 __all__ = [
@@ -256,7 +257,7 @@ def preprocess_subject(
     image_path: Path,
     label_path: Path | None,
     settings: PreprocessSettings,
-    tolerance_mm: float = AFFINE_TOLERANCE_MM,
+    tolerance_mm: float = SAME_GRID_TOLERANCE_MM,
     labels: dict[int, int] | None = None,
 ):
     """The pipeline on one scan (and its label, mapped by ``labels``; see the module docstring).

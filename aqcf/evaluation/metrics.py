@@ -37,7 +37,6 @@ from aqcf.constants import REGIONS, check_label_values, check_modality
 from aqcf.errors import AqcfError
 
 __all__ = [
-    "CLASS_LABELS",
     "METRICS",
     "ROW_FIELDS",
     "EMPTY_DISTANCE_RULES",
@@ -46,8 +45,6 @@ __all__ = [
     "summarise",
 ]
 
-#: class name -> label values that make up the class: the evaluated regions of :mod:`aqcf.constants`
-CLASS_LABELS: dict[str, tuple[int, ...]] = REGIONS
 METRICS = ("dice", "hd95", "msd")
 ROW_FIELDS = ("case", "modality", "class", *METRICS, "pred_voxels", "ref_voxels", "intersection")
 EMPTY_DISTANCE_RULES = ("nan", "diagonal")
@@ -133,7 +130,7 @@ def evaluate_case(
     *,
     case: str = "",
     modality: str = "",
-    classes: Mapping[str, Sequence[int]] = CLASS_LABELS,
+    classes: Mapping[str, Sequence[int]] = REGIONS,
     empty_distance: str = "nan",
 ) -> list[dict]:
     """Metrics of one case, one row per class.

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy.stats import wilcoxon
 
-from aqcf.constants import MODALITIES
+from aqcf.constants import MODALITIES, REGIONS
 from aqcf.errors import AqcfError
-from aqcf.evaluation.metrics import CLASS_LABELS, METRICS
+from aqcf.evaluation.metrics import METRICS
 from aqcf.io import check_output, write_text_atomic
 from aqcf.visualize.canvas import save_figure
 from aqcf.visualize.charts import bar_chart
@@ -54,7 +54,7 @@ __all__ = [
 SUMMARY_NAME = "summary.json"
 FOLD_PATTERN = re.compile(r"^fold[_-]?(\d+)$", re.IGNORECASE)
 SEED_PATTERN = re.compile(r"^seed[_-]?(\d+)$", re.IGNORECASE)
-CLASSES = tuple(CLASS_LABELS)
+CLASSES = tuple(REGIONS)
 ALPHA = 0.05
 DEFAULT_FOLDS = 5  # the paper's five-fold cross-validation
 # how the Markdown shows each metric: (column title, scale, decimals); Dice in % as in the paper

@@ -20,12 +20,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aqcf.constants import FOREGROUND_CLASSES, check_modality
+from aqcf.constants import TUMOR, check_modality
 from aqcf.errors import AqcfError
 
 __all__ = ["TUMOR_CLASS", "PREDICTED", "VOLUME", "SCORE_REGIONS", "normalise_maps", "ClassScore"]
 
-TUMOR_CLASS = FOREGROUND_CLASSES["tumor"]
+TUMOR_CLASS = TUMOR
 PREDICTED = "predicted"
 VOLUME = "volume"
 SCORE_REGIONS = (PREDICTED, VOLUME)

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from aqcf.constants import FOREGROUND_CLASSES
+from aqcf.constants import TUMOR
 from aqcf.errors import AqcfError
 
 __all__ = ["Window", "window_centre", "extract_window"]
 
-TUMOR_CLASS = FOREGROUND_CLASSES["tumor"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,7 @@ def window_centre(label: np.ndarray) -> tuple[np.ndarray, str]:
     from scipy import ndimage
 
     label = np.asarray(label)
-    tumor = label == TUMOR_CLASS
+    tumor = label == TUMOR
     if tumor.any():
         components, n = ndimage.label(tumor)
         sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]

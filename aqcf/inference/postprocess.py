@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from aqcf.constants import region_mask
+
 __all__ = ["POSTPROCESSING", "keep_largest_liver", "postprocess"]
 
 #: the ``--postprocess`` choices
@@ -30,7 +32,7 @@ def keep_largest_liver(labels: np.ndarray) -> np.ndarray:
         uint8 labels of the same shape.
     """
     labels = np.asarray(labels)
-    components, count = ndimage.label(labels > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    components, count = ndimage.label(region_mask(labels, "liver"), structure=np.ones((3, 3, 3), dtype=bool))
     if count <= 1:
         return labels.astype(np.uint8)
     sizes = np.bincount(components.ravel())[1:]

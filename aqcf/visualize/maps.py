@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from aqcf.constants import FOREGROUND_CLASSES
+from aqcf.constants import TUMOR
 from aqcf.errors import AqcfError
 from aqcf.visualize.canvas import DPI, new_figure
 from aqcf.visualize.overlays import overlay, to_display
@@ -33,7 +33,6 @@ SALIENCY_ALPHA = 0.45
 FEATURE_CMAP = "viridis"
 PANEL_INCHES = 2.0
 IMAGE, GROUND_TRUTH = "image", "ground truth"
-TUMOR = FOREGROUND_CLASSES["tumor"]
 
 #: ``draw_map(ax, heat, grey, label, orientation, aspect)``: one map panel, ``heat`` and ``grey`` in
 #: display orientation, ``label`` the (X, Y) label slice as given

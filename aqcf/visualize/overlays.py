@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from aqcf.constants import FOREGROUND_CLASSES
+from aqcf.constants import LIVER, TUMOR
 from aqcf.errors import AqcfError
 from aqcf.visualize.canvas import DPI, new_figure, save_figure
 
@@ -37,7 +37,7 @@ __all__ = [
 
 LIVER_RGB = (1.0, 0.0, 0.0)
 TUMOR_RGB = (0.0, 0.0, 1.0)
-LABEL_COLOURS = {FOREGROUND_CLASSES["liver"]: LIVER_RGB, FOREGROUND_CLASSES["tumor"]: TUMOR_RGB}
+LABEL_COLOURS = {LIVER: LIVER_RGB, TUMOR: TUMOR_RGB}
 
 # Percentiles of the grey window: a few bright voxels (bone, contrast, bias-field peaks) would
 # otherwise compress the soft tissue to a narrow band of greys.
@@ -173,7 +173,7 @@ def pick_slices(label: np.ndarray, n: int = 3) -> list[int]:
     n = min(int(n), depth)
     if n <= 0:
         return []
-    tumor = (label == FOREGROUND_CLASSES["tumor"]).sum(axis=(0, 1))
+    tumor = (label == TUMOR).sum(axis=(0, 1))
     foreground = (label > 0).sum(axis=(0, 1))
     if not foreground.any():
         by_middle = np.argsort(np.abs(np.arange(depth) - 0.5 * (depth - 1)), kind="stable")
