@@ -22,6 +22,17 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def volume_batch(modality: str, case: str, spacing=(1.0, 1.0, 1.0)) -> dict:
+    """One random whole volume of 48x32x16 voxels, batched as the volume loaders batch it."""
+    return {
+        "image": torch.rand(1, 1, 48, 32, 16),
+        "label": torch.randint(0, 3, (1, 1, 48, 32, 16)),
+        "modality": [modality],
+        "id": [case],
+        "spacing": [spacing],
+    }
+
+
 def test_validation_uses_val_overlap_and_test_the_paper_overlap(monkeypatch):
     seen = []
     real = sliding_window.sliding_window_inference
@@ -34,13 +45,7 @@ def test_validation_uses_val_overlap_and_test_the_paper_overlap(monkeypatch):
     monkeypatch.setattr(sliding_window, "sliding_window_inference", spy)
     module = SegmentationModule(AQCFNet(widths=TINY), patch_size=(32, 32, 16), sw_overlap=0.8, val_overlap=0.25)
     module.eval()
-    batch = {
-        "image": torch.rand(1, 1, 48, 32, 16),
-        "label": torch.randint(0, 3, (1, 1, 48, 32, 16)),
-        "modality": ["ct"],
-        "id": ["c0"],
-        "spacing": [(1.0, 1.0, 1.0)],
-    }
+    batch = volume_batch("ct", "c0")
     module.log = lambda *a, **k: None
     with torch.no_grad():
         module._evaluate_volume(batch, "val")

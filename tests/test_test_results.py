@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,7 +18,8 @@ from aqcf.networks.aqcfnet import AQCFNet
 from aqcf.networks.sliding_window import WindowSettings
 
 from .conftest import tiny_fit_args
-from .test_training import _subprocess_env
+from .test_fit_options import volume_batch
+from .test_training import run_on_cpus
 
 TINY = (2, 2, 4, 4, 8, 8)
 CLASSES = {"liver": (1, 2), "tumor": (2,)}
@@ -44,13 +43,7 @@ def test_test_step_writes_nothing_and_returns_the_case(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     module = SegmentationModule(AQCFNet(widths=TINY), patch_size=(32, 32, 16)).eval()
     module.log = lambda *a, **k: None
-    batch = {
-        "image": torch.rand(1, 1, 48, 32, 16),
-        "label": torch.randint(0, 3, (1, 1, 48, 32, 16)),
-        "modality": ["mri"],
-        "id": ["m0"],
-        "spacing": [(1.5, 1.5, 3.0)],
-    }
+    batch = volume_batch("mri", "m0", (1.5, 1.5, 3.0))
     with torch.no_grad():
         case = module.test_step(batch, 0)
     assert list(tmp_path.iterdir()) == []
@@ -131,15 +124,10 @@ def test_aqcf_test_writes_the_rows_of_scoring_its_predictions_independently(tiny
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_ddp_test_gathers_every_ranks_cases(tiny_phantoms, tiny_run, tmp_path):
     """`aqcf test` under DDP (gloo, 2 CPU processes): rank zero writes the rows of both ranks' cases."""
-    best = str(tiny_run / "checkpoints" / "best.ckpt")
     written = {}
     for devices in (1, 2):
         root = tmp_path / f"ddp{devices}"
-        args = tiny_fit_args(tiny_phantoms, root, "--ckpt_path", best, "--trainer.devices", str(devices),
-                             "--trainer.strategy", "ddp" if devices > 1 else "auto")
-        done = subprocess.run([sys.executable, "-m", "aqcf.cli", "test", *args], capture_output=True, text=True,
-                              env=_subprocess_env(WANDB_MODE="disabled"), timeout=600, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_on_cpus("test", tiny_phantoms, tiny_run / "checkpoints" / "best.ckpt", root, devices)
         written[devices] = (root / "test" / "metrics.csv").read_text()
     assert len(written[1].splitlines()) == 1 + 8
     assert written[2] == written[1]

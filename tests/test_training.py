@@ -136,22 +136,26 @@ def test_wandb_without_key_goes_offline_and_logs(tiny_phantoms, tmp_path):
     assert b"val/dice_mean" in blob and b"train/loss_epoch" in blob
 
 
+def run_on_cpus(verb: str, phantoms: Path, ckpt: Path, root: Path, devices: int, *extra: str) -> None:
+    """``aqcf <verb>`` of ``ckpt`` into ``root`` in a subprocess of ``devices`` CPU processes (DDP over gloo)."""
+    args = tiny_fit_args(
+        phantoms, root, "--ckpt_path", str(ckpt), "--trainer.devices", str(devices),
+        "--trainer.strategy", "ddp" if devices > 1 else "auto", *extra,
+    )
+    cmd = [sys.executable, "-m", "aqcf.cli", verb, *args]
+    done = subprocess.run(cmd, env=_subprocess_env(WANDB_MODE="disabled"), capture_output=True, text=True,
+                          timeout=600, cwd=root.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without distributed")
 def test_ddp_two_processes_reduce_validation(tiny_phantoms, tiny_run, tmp_path):
     """Validation under DDP (gloo, 2 CPU processes) gives the same pooled Dice as one process."""
-    best = str(tiny_run / "checkpoints" / "best.ckpt")
+    best = tiny_run / "checkpoints" / "best.ckpt"
     results = {}
     for devices in (1, 2):
         root = tmp_path / f"ddp{devices}"
-        args = tiny_fit_args(
-            tiny_phantoms, root, "--ckpt_path", best, "--trainer.devices", str(devices),
-            "--trainer.strategy", "ddp" if devices > 1 else "auto",
-            "--trainer.limit_val_batches", "1.0",
-        )
-        cmd = [sys.executable, "-m", "aqcf.cli", "validate", *args]
-        done = subprocess.run(cmd, env=_subprocess_env(WANDB_MODE="disabled"), capture_output=True, text=True,
-                              timeout=600, cwd=tmp_path)
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_on_cpus("validate", tiny_phantoms, best, root, devices, "--trainer.limit_val_batches", "1.0")
         results[devices] = _metrics(root)
     for key in ("val/dice_ct_liver", "val/dice_mri_tumor", "val/dice_mean"):
         assert results[2][key] == pytest.approx(results[1][key], abs=1e-5), key
