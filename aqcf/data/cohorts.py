@@ -15,9 +15,7 @@ Three layouts are understood (``docs/data.md`` shows each tree):
 Readers only look at file names. :func:`validate_case` opens the files and checks what training
 relies on (readable to the end, one 3D volume, a valid affine, finite voxels, image and label on the
 same voxel grid, label values in {0, 1, 2}) through the input gate, :mod:`aqcf.data.gate`;
-preprocessing runs it once per case, so it is not repeated at every read. The gate's
-:func:`~aqcf.data.gate.check_same_grid` and the label check of :mod:`aqcf.constants`
-(:func:`~aqcf.constants.check_label_values`) are re-exported here.
+preprocessing runs it once per case, so it is not repeated at every read.
 
 Every problem raises :class:`~aqcf.errors.AqcfError` with a one-line message naming the file.
 """
@@ -33,14 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.constants import CT, MRI, check_label_values, check_modality, check_name
+from aqcf.constants import CT, MRI, check_modality, check_name
 from aqcf.data import gate
-from aqcf.data.gate import SAME_GRID_TOLERANCE_MM, check_same_grid
+from aqcf.data.gate import SAME_GRID_TOLERANCE_MM
 from aqcf.errors import AqcfError
 
 __all__ = [
     "Case",
-    "SAME_GRID_TOLERANCE_MM",
     "READERS",
     "natural_key",
     "read_lits",
@@ -50,8 +47,6 @@ __all__ = [
     "register_reader",
     "read_geometry",
     "read_label_array",
-    "check_label_values",
-    "check_same_grid",
     "validate_case",
 ]
 

@@ -39,8 +39,8 @@ import numpy as np
 
 from aqcf.constants import CLASS_NAMES, CT, MRI, check_label_values, check_name
 from aqcf.data import gate
-from aqcf.data.cohorts import check_same_grid, read_cohort
-from aqcf.data.gate import SAME_GRID_TOLERANCE_MM
+from aqcf.data.cohorts import read_cohort
+from aqcf.data.gate import SAME_GRID_TOLERANCE_MM, check_same_grid
 from aqcf.errors import AqcfError, ArgumentParser
 
 __all__ = [
