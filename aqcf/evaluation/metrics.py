@@ -2,8 +2,9 @@
 
 Pure functions on arrays: no files. :func:`evaluate_case` turns one predicted and one reference label
 map (0 background, 1 liver, 2 tumor) into one row per class; :func:`summarise` turns the rows of many
-cases into per-modality, per-class statistics. ``aqcf evaluate`` and the training code's test step both
-call these two and write the same files (:mod:`aqcf.evaluation.evaluate`).
+cases into per-modality, per-class statistics. ``aqcf evaluate`` and ``aqcf test``'s results writer
+(:class:`aqcf.evaluation.test_results.TestResultsWriter`) both call these two and write the same files
+(:mod:`aqcf.evaluation.evaluate`).
 
 Conventions (also in ``docs/evaluation.md``):
 
