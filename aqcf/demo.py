@@ -120,8 +120,8 @@ def demo_report(run: Path, out: Path, timings: dict[str, float] | None = None) -
     Dice is reported pooled over the held-out cases of a modality (2·Σ|P∩R| / (Σ|P|+Σ|R|)) next to the
     per-case mean: tumor-free cases make a per-case mean jump between 0 and 1 on a few voxels.
     """
-    from aqcf.visualize.curves import plot_curves
     from aqcf.io import write_text_atomic
+    from aqcf.visualize.curves import plot_curves
 
     summary = json.loads((run / "test" / "summary.json").read_text())
     lines = ["| modality | class | pooled Dice | mean Dice (per case) | HD95 mm | cases |", "|---|---|---|---|---|---|"]
