@@ -1,5 +1,5 @@
 """AQCFNet with M named streams: M = 1, 2, 3 build and train, M = 2 is the two-stream network bit for bit
-(outputs saved before the change, ``tests/data/nstreams_reference.pt``), absent streams, the combination
+(outputs saved before the change, ``tests/fixtures/nstreams_reference.pt``), absent streams, the combination
 rule of the A-QCF block, and the parameter count by arithmetic on submodules."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from aqcf.networks.aqcfnet import AQCFNet, count_parameters
 from aqcf.networks.summary import main as summary_main
 from aqcf.nn.fusion import AQCFBlock
 from aqcf.nn.quaternion import quaternion_cat
+from tests.networks.counts import expected_count
 
-REFERENCE = Path(__file__).parent / "data" / "nstreams_reference.pt"
+REFERENCE = Path(__file__).parents[1] / "fixtures" / "nstreams_reference.pt"
 WIDTHS = (2, 4, 8, 8)  # two stages: inputs divisible by 4
 PATCH = (16, 16, 16)
 # every argument a reading changes, so that a change of the defaults does not change these networks
@@ -241,6 +242,9 @@ def test_three_streams_count_by_arithmetic_on_the_two_stream_parts(weights, bott
     one = tiny(STREAMS[1], weights, bottleneck=bottleneck)
     fusion = sum(count_parameters(b) for b in two.fusion)
     assert count_parameters(one) == count_parameters(two) - _stream_part(two, "mri") - fusion
+    if bottleneck == "shared":  # and by arithmetic on the widths alone
+        for m, net in ((1, one), (2, two), (3, three)):
+            assert count_parameters(net) == expected_count(WIDTHS, fusion_weights=weights, streams=m, **EXPLICIT)
 
 
 def test_summary_prints_the_count_for_one_to_four_streams(capsys):
@@ -258,6 +262,8 @@ def test_summary_prints_the_count_for_one_to_four_streams(capsys):
                 for m in (1, 2, 3, 4)}
     assert rows == expected
     assert rows["2"] == count_parameters(two)
+    by_widths = {str(m): expected_count(WIDTHS, fusion_weights="separate", streams=m, **EXPLICIT) for m in range(1, 5)}
+    assert rows == by_widths
 
 
 @pytest.mark.parametrize(

@@ -17,7 +17,7 @@ from scipy.spatial.distance import cdist
 from aqcf.cli import main
 from tests.dicom_writer import write_ct_slice
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FAST = ["--overlap", "0.25", "--no-progress"]
 HU_FLOOR = -1024  # stored DICOM values are HU + 1024, unsigned
 

@@ -142,7 +142,7 @@ def _best_window_dice(cases: list[tuple[np.ndarray, np.ndarray]]) -> float:
 
 @pytest.mark.parametrize(("make", "stream", "limit"), [(t2_config, T2_STREAM, 0.1), (mri_config, 1, 0.2)])
 def test_best_single_window_finds_tumors_poorly(make, stream, limit):
-    """As for CT (tests/test_phantoms.py): no intensity window segments the tumors, context does."""
+    """As for CT (tests/data/test_phantoms.py): no intensity window segments the tumors, context does."""
     cases, differences = [], []
     for index in range(5):
         image, label, _ = make_case(make(), np.random.default_rng([0, stream, index]))

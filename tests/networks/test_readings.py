@@ -17,6 +17,7 @@ from aqcf.networks.summary import main as summary_main
 from aqcf.nn.fusion import CrossModalTransfer
 from aqcf.nn.quaternion import quaternion_cat
 from tests.conftest import REPO, tiny_fit_args
+from tests.networks.counts import expected_count
 
 READING_CONFIGS = REPO / "configs" / "readings"
 TINY = (2, 2, 4, 4, 8, 8)
@@ -53,42 +54,6 @@ def test_default_network_is_algorithm_1_with_shared_weights():
     assert count_parameters(default) == expected_count(PAPER_WIDTHS, fusion_weights="shared", encoder_convs=1,
                                                        bottleneck_convs=1)
     assert all(block_.direction("mri_to_ct") is block_.direction("ct_to_mri") for block_ in default.fusion)
-
-
-# ------------------------------------------------------------------ counts by arithmetic on the widths
-
-
-def qconv(q_in, q_out, k, bias=False):
-    """A quaternion conv: 4 q_in q_out k³ weights (+ a bias per real output channel)."""
-    return 4 * q_in * q_out * k**3 + (4 * q_out if bias else 0)
-
-
-def block(q_in, q_out, k=3):
-    """Conv (no bias) + affine instance norm on 4 q_out real channels."""
-    return qconv(q_in, q_out, k) + 2 * 4 * q_out
-
-
-def expected_count(widths, fusion_out_kernel=3, fusion_weights="separate", encoder_convs=2, decoder_convs=2,
-                   bottleneck_convs=2):
-    w, bottom = widths[:-1], widths[-1]
-    stream = 27 * 4 * w[0] + 2 * 4 * w[0] + block(w[0], w[0])  # real stem conv + norm, quaternion stem
-    for a, b in zip(w[:-1], w[1:], strict=True):
-        stream += block(a, b) + (encoder_convs - 1) * block(b, b)
-    skips = w[:-1]  # levels 0..n-1; level n feeds the bottleneck
-    deeper = [bottom, *reversed(skips[1:])]
-    for deep, skip in zip(deeper, reversed(skips), strict=True):
-        inter = max(1, skip // 2)
-        stream += qconv(deep, skip, 2, bias=True)  # transposed conv, kernel 2
-        stream += qconv(skip, inter, 1) + qconv(skip, inter, 1, bias=True) + (4 * inter + 1)  # W_x, W_g, ψ
-        stream += block(2 * skip, skip) + (decoder_convs - 1) * block(skip, skip)
-    stream += 4 * w[0] * 3 + 3  # real 1x1x1 head
-    fusion = 0
-    for c in w[1:]:
-        hidden = max(1, 2 * 4 * c // 16)
-        direction = 3 * qconv(c, c, 1) + (8 * c * hidden + hidden) + (hidden + 1) + block(2 * c, c, fusion_out_kernel)
-        fusion += direction * (1 if fusion_weights == "shared" else 2)
-    neck = block(w[-1], bottom) + (bottleneck_convs - 1) * block(bottom, bottom)
-    return 2 * stream + fusion + neck
 
 
 def test_arithmetic_reproduces_the_documented_default_count():

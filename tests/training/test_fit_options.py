@@ -12,8 +12,7 @@ from aqcf.cli import main
 from aqcf.models.segmentation import SegmentationModule
 from aqcf.networks.aqcfnet import AQCFNet
 from aqcf.training.timing import StepTimer
-
-from .conftest import tiny_fit_args
+from tests.conftest import tiny_fit_args
 
 TINY = (2, 2, 4, 4, 8, 8)
 

@@ -16,10 +16,9 @@ from aqcf.evaluation.test_results import TestResultsWriter
 from aqcf.models.segmentation import SegmentationModule
 from aqcf.networks.aqcfnet import AQCFNet
 from aqcf.networks.sliding_window import WindowSettings
-
-from .conftest import tiny_fit_args
-from .test_fit_options import volume_batch
-from .test_training import run_on_cpus
+from tests.conftest import tiny_fit_args
+from tests.training.test_fit_options import volume_batch
+from tests.training.test_training import run_on_cpus
 
 TINY = (2, 2, 4, 4, 8, 8)
 CLASSES = {"liver": (1, 2), "tumor": (2,)}

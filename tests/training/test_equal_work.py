@@ -11,8 +11,7 @@ import yaml
 
 from aqcf.cli import main
 from aqcf.evaluation.report import load_run
-
-from .conftest import REPO, tiny_fit_args
+from tests.conftest import REPO, tiny_fit_args
 
 
 @pytest.mark.parametrize("config", ["lits_atlas.yaml", "demo.yaml"])

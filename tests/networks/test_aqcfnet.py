@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from aqcf.cli import main as aqcf_main
-from aqcf.networks.aqcfnet import AQCFNet, count_parameters
+from aqcf.networks.aqcfnet import DEFAULT_READING, READINGS, AQCFNet, count_parameters
 from aqcf.networks.summary import main as summary_main
 from aqcf.nn.attention import QuaternionAttentionGate
 from aqcf.nn.quaternion import QuaternionConv3d, QuaternionConvTranspose3d, set_quaternion_product
+from tests.networks.counts import expected_count
 
 TINY = (2, 2, 4, 4, 8, 8)
 SMALL_PATCH = (32, 32, 16)
@@ -172,7 +173,7 @@ def test_summary_prints_the_total(capsys):
     widths = [str(w) for w in TINY]
     assert summary_main(["--widths", *widths]) == 0
     out = capsys.readouterr().out
-    total = count_parameters(AQCFNet(widths=TINY))
+    total = expected_count(TINY, **READINGS[DEFAULT_READING])  # the default network, by arithmetic
     assert f"{total:,}" in out and "total" in out and "31,500,000" in out
     assert aqcf_main(["summary", "--widths", *widths, "--algebra", "real", "--no-cross-fusion"]) == 0
     assert aqcf_main(["summary", "--widths", "2", "0", "4"]) == 2

@@ -14,7 +14,7 @@ from aqcf.errors import AqcfError
 from aqcf.inference.predictor import Predictor
 from aqcf.networks.sliding_window import WindowSettings, flip_averaged, sliding_window_logits
 
-TINY_CONFIG = Path(__file__).parent / "configs" / "tiny_cpu.yaml"
+TINY_CONFIG = Path(__file__).parents[1] / "configs" / "tiny_cpu.yaml"
 
 
 @pytest.fixture(scope="module")
