@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a GPU, in one go (docs: README "Scale"):
+# The checks that need a GPU, in one go (docs/training.md, "Measured on one GPU"):
 #   1. configs/lits_atlas.yaml as shipped (paper widths, patch 256x256x16, bf16-mixed, DDP over every
 #      GPU of the node) trains one epoch (at most STEPS steps) on phantom cohorts, validates on whole
 #      held-out volumes with overlap 0.8, and tests best.ckpt; Lightning's SimpleProfiler writes where

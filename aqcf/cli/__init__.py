@@ -4,17 +4,10 @@
 other verb is an ordinary subcommand whose module exposes ``main(argv) -> int`` and is imported only
 when called, so ``aqcf --help`` stays fast.
 
-One error contract for every verb: a bad flag or value, a missing or unreadable input, an output that
-may not be written end with a single line ``aqcf: error: <file or flag>: <what is wrong>`` on stderr and
-exit status 2, never a traceback. Argument errors come from the verbs' parsers (:class:`aqcf.errors.ArgumentParser`,
-its LightningCLI twin in :mod:`aqcf.cli.lightning`), which exit with status 2 themselves; the rest
-are exceptions that :func:`main` turns into that line:
-
-* :class:`~aqcf.errors.AqcfError`: the user's input is wrong; its message is the line.
-* ``OSError`` (a missing file, a full disk, no permission, a file where a folder is needed): the line
-  names the file and the system's reason. Writes are atomic (:mod:`aqcf.io`), so the previous file, if
-  any, is left as it was.
-* Any other exception is a bug in aqcf and keeps its traceback (exit status 1), so it can be reported.
+One error contract for every verb (:mod:`aqcf.errors` states it): argument errors end in the verbs'
+parsers, which exit with status 2 themselves; :func:`main` turns an :class:`~aqcf.errors.AqcfError` or an
+``OSError`` into the one ``aqcf: error:`` line and exit status 2.
+Any other exception is a bug in aqcf and keeps its traceback (exit status 1), so it can be reported.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Training patches read from the cache without loading whole volumes (the cost follows the patch).
 
 TorchIO's ``LabelSampler`` builds a probability map over the whole label map each time a subject is
-loaded, and the subject load reads the whole image: both grow with the volume (0.53 s + 1.38 s for four
-patches of a 30 M-voxel case). Here, as in nnU-Net v2, preprocessing stores once per case a sample of
+loaded, and the subject load reads the whole image: both grow with the volume (measured in
+docs/data.md, *Measured patch cost*). Here, as in nnU-Net v2, preprocessing stores once per case a sample of
 the voxel coordinates of each label (:func:`class_locations`, ``locations/<id>.npz`` in the cache), and
 a patch is drawn in three steps:
 

@@ -22,7 +22,8 @@ names and shapes, and the aqcf version, so another tool can run the model withou
   every runtime optimises best. Both paths give the same logits.
 * Instance norms are exported as :class:`PreciseInstanceNorm` (their statistics in float64):
   onnxruntime's float32 reductions on the zero-filled stream's nearly constant feature maps otherwise
-  put its logits up to 7e-3 from PyTorch's; with it they agree within 1e-4.
+  put its logits measurably far from PyTorch's (docs/inference.md gives the figures); with it they agree
+  within ``TOLERANCE["onnx"]``.
 
 :func:`onnx_window_predictor` wraps an exported ONNX file in an onnxruntime session as a window
 predictor ``Tensor (B, 1, X, Y, Z) -> Tensor (B, 3, X, Y, Z)`` for MONAI's ``sliding_window_inference``.

@@ -3,8 +3,8 @@
 :meth:`Predictor.from_checkpoint` rebuilds everything from the checkpoint alone: the network (the
 LightningModule's hyper-parameters are the training config, so ``load_from_checkpoint`` instantiates it),
 each modality's preprocessing (from ``datamodule_hyper_parameters``: orientation, window, spacing,
-padding), the modalities it was trained on, and the sliding-window settings it was validated with
-(window = the training patch, overlap, blending, windows per batch), any of which may be overridden.
+padding), the modalities it was trained on, and its test-time sliding-window settings (``model.sw_*``:
+window = the training patch, overlap, blending, windows per batch), any of which may be overridden.
 
 One scan goes: :func:`aqcf.data.preprocess.preprocess_image` (reorient, crop to the body, resample, window,
 pad) -> :func:`aqcf.networks.sliding_window.sliding_window_logits` (MONAI ``sliding_window_inference`` over
@@ -129,7 +129,7 @@ def load_checkpoint_info(path: str | Path) -> dict:
 
 
 class Predictor:
-    """A network with the preprocessing and sliding-window settings it was trained and validated with.
+    """A network with the preprocessing it was trained with and its test-time sliding-window settings.
 
     Args:
         network: a module with ``forward_single(x, modality)``; put in eval mode and moved to ``device``.
@@ -189,8 +189,8 @@ class Predictor:
         """Rebuild a predictor from a checkpoint written by ``aqcf fit``.
 
         The window size, overlap, blend mode and window batch size default to the checkpoint's own
-        (``model.patch_size``, ``model.sw_overlap``, ``model.sw_mode``, ``model.sw_batch_size``: 256×256×16,
-        0.8, Gaussian and 4 in ``configs/lits_atlas.yaml``); ``None`` keeps them.
+        (``model.patch_size``, ``model.sw_overlap``, ``model.sw_mode``, ``model.sw_batch_size``, as
+        ``configs/lits_atlas.yaml`` sets them for the paper); ``None`` keeps them.
 
         Raises:
             AqcfError: missing or unreadable checkpoint, or one without the data module's settings.

@@ -84,7 +84,7 @@ FIRST_READING = "current"
 READINGS: dict[str, dict[str, object]] = {
     # the default: Algorithm 1 as written (one QConv_q/k/v, gate MLP and QConv_out called for both
     # directions), a 3x3x3 QConv_out, one conv per encoder stage, two per decoder stage, one in the
-    # bottleneck: 32.0 M parameters at paper widths
+    # bottleneck (its count at paper widths: docs/model.md §6)
     DEFAULT_READING: {"fusion_out_kernel": 3, "fusion_weights": SHARED_WEIGHTS, "encoder_convs": 1,
                       "decoder_convs": 2, "bottleneck_convs": 1},
     # the network as first built (the default of checkpoints written before the readings existed)

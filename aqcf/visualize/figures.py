@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from aqcf.errors import AqcfError, ArgumentParser
-from aqcf.io import check_output
+from aqcf.io import check_output, nifti_stem
 from aqcf.visualize.canvas import save_figure
 from aqcf.visualize.curves import BANDS, find_metrics_files, plot_curves
 from aqcf.visualize.overlays import overlay_grid, pick_slices
@@ -133,7 +133,7 @@ def _parse_prediction(text: str) -> tuple[str, str]:
     name, sep, path = text.partition("=")
     if not sep:  # a bare path: the column is named after the file
         path = text
-        name = Path(text).name.removesuffix(".gz").removesuffix(".nii")
+        name = nifti_stem(text)
     if not name or not path:
         raise AqcfError(f"--pred {text!r}: expected NAME=PATH")
     return name, path
