@@ -1,19 +1,10 @@
 """The per-cohort preprocessing cache: its folder layout, manifest, key, reuse checks and memory maps.
 
 :func:`preprocess_cohort` runs the pipeline of :mod:`aqcf.data.preprocess` once per cohort and settings
-into ``cache_dir/<name>-<key>/``::
-
-    manifest.json          written last: the settings, their hash, the key, one entry per case
-    images/<id>.nii        float32 in [0, 1], uncompressed and unscaled: read by memory map
-    labels/<id>.nii        uint8, likewise
-    locations/<id>.npz     a sample of each label's voxel coordinates (patch centres)
-    records/<id>.json      the case's entry, written after its files
-
-``key`` (:func:`cohort_key`) hashes the settings, the pipeline version and the case list (paths, sizes,
-modification times), so a change of any of them makes a new cache and never reuses a stale one; a
-label mapping other than the identity is part of the key. Every reuse checks the cached files against
-the sizes (or checksums) the manifest recorded (:func:`check_cached_files`). Training reads the cached
-volumes through :func:`memmap_volume`, touching only the bytes of a patch.
+into ``cache_dir/<name>-<key>/``; ``key`` (:func:`cohort_key`) changes with the settings, the pipeline
+version or the case list, so a stale cache is never reused. :func:`check_cached_files` checks a reused
+cache against its manifest; training reads the cached volumes through :func:`memmap_volume`, touching
+only the bytes of a patch. Layout, manifest entries and reuse checks: docs/data.md, *The cache*.
 """
 
 from __future__ import annotations

@@ -1,20 +1,12 @@
 """Readers that turn a data set folder into a list of :class:`Case` records, and their validation.
 
-Three layouts are understood (``docs/data.md`` shows each tree):
-
-* ``lits``: LiTS 2017, ``volume-N.nii[.gz]`` + ``segmentation-N.nii[.gz]``, flat or inside
-  ``Training_Batch1/`` and ``Training_Batch2/`` (searched recursively). ``test-volume-N`` files have
-  no labels and are ignored. Case ids are ``lits-N``.
-* ``atlas``: ATLAS (Quinton et al. 2023), ``imagesTr/imN.nii.gz`` + ``labelsTr/lbN.nii.gz``; the
-  ``imagesTr`` folder is found recursively because the release archive sometimes nests its top folder
-  twice. Case ids are ``atlas-N``.
-* ``nnunet``: the nnU-Net v2 raw layout (``imagesTr/CASE_0000.nii.gz``) or the Medical Segmentation
-  Decathlon layout (``imagesTr/CASE.nii.gz``), labels ``labelsTr/CASE.nii.gz``, ``dataset.json``
-  beside them (its ``file_ending`` is honoured). Case ids are the file names' ``CASE``.
+Three layouts are understood: ``lits`` (LiTS 2017, case ids ``lits-N``), ``atlas`` (ATLAS, Quinton et
+al. 2023, case ids ``atlas-N``) and ``nnunet`` (the nnU-Net v2 raw or Medical Segmentation Decathlon
+layout, case ids the file names' case part). Each tree, and what is searched or ignored:
+docs/data.md, *Cohort layouts*.
 
 Readers only look at file names. :func:`validate_case` opens the files and checks what training
-relies on (readable to the end, one 3D volume, a valid affine, finite voxels, image and label on the
-same voxel grid, label values in {0, 1, 2}) through the input gate, :mod:`aqcf.data.gate`;
+relies on through the input gate, :mod:`aqcf.data.gate`;
 preprocessing runs it once per case, so it is not repeated at every read.
 
 Every problem raises :class:`~aqcf.errors.AqcfError` with a one-line message naming the file.

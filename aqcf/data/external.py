@@ -5,21 +5,10 @@ the rest of the pipeline (``aqcf segment``, ``aqcf evaluate --ref-format ircadb|
 them like any other cohort. Conversions run once per case into a cache folder (atomically, with a
 ``.json`` record of the sources; a changed source or setting converts again).
 
-3D-IRCADb-01 layout (``3Dircadb1.N`` folders, possibly one level deeper)::
-
-    3Dircadb1.1/PATIENT_DICOM/image_0 ... image_K          (CT slices, DICOM without extension)
-    3Dircadb1.1/MASKS_DICOM/<structure>/image_0 ...         (one binary DICOM series per structure)
-    (or PATIENT_DICOM.zip / MASKS_DICOM.zip as distributed)
-
-Labels: ``liver`` -> 1; liver-tumor folders -> 2, overriding 1. Liver-tumor folders are those matching
-:data:`IRCADB_LIVER_TUMOR_PATTERN`: ``livertumor``, ``livertumors``, ``livertumor01`` ... ``livertumor07``,
-``livertumor1``, ``livertumor2``. Not liver tumor: ``tumor`` (patient 7: an adrenal lesion in the official
-table), ``leftsurretumor`` / ``rightsurretumor`` (adrenal), ``liverkyst`` (cysts) and every other
-structure. The image slices are stacked by :func:`aqcf.data.dicom.dicom_series_to_volume` (ordered by
-ImagePositionPatient projected on the slice normal, never by file name; the affine converted from
-DICOM's LPS to NIfTI's RAS); image and mask slices pass the input gate first (:mod:`aqcf.data.gate`:
-monochrome single-frame slices of one size, pixel spacing and orientation, evenly spaced), and so does
-the stacked volume. Each mask slice is placed at the image slice with its position.
+3D-IRCADb-01 (:func:`read_ircadb`): the ``liver`` mask gives label 1 and the liver-tumor folders, those
+matching :data:`IRCADB_LIVER_TUMOR_PATTERN`, give label 2 (overriding 1). Image and mask series are
+stacked by :mod:`aqcf.data.dicom`, which documents slice order, geometry and the input gate's checks.
+Layout, and which structure folders are and are not liver tumor: docs/evaluation.md, *3D-IRCADb-01*.
 
 LiverHccSeg: the release's file layout is not confirmed; :func:`read_liverhccseg` takes the phase, the
 rater and the file-name patterns as arguments (defaults in ``docs/evaluation.md``).

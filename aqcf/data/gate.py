@@ -2,20 +2,10 @@
 
 One place decides what aqcf accepts; the cohort readers, preprocessing, ``aqcf segment``, ``aqcf
 evaluate``, ``aqcf explain``, ``aqcf export-nnunet``, the external-cohort readers and the DICOM reader
-all call these functions. Refused, with one :class:`~aqcf.errors.AqcfError` line naming the file:
-
-* a file that cannot be read to its end: a truncated ``.nii`` or ``.nii.gz``, a damaged gzip stream
-  (its checksum is verified). SimpleITK, which TorchIO reads with, fills a short file with zeros, so
-  NIfTI files are read here with nibabel;
-* anything but one 3D volume: 2D images (an axis of one voxel included) and images with several
-  volumes or channels. A 4D image with one volume, shape (X, Y, Z, 1), is accepted as (X, Y, Z);
-  ``aqcf segment`` writes its mask with the input's exact shape;
-* NaN or Inf voxels in a scan;
-* an affine that is not finite or not invertible, or a voxel size of zero;
-* DICOM slices that are not monochrome single-frame images (an RGB secondary capture), or that
-  disagree in size, pixel spacing or orientation, or are unevenly spaced;
-* label maps with values outside {0, 1, 2} (non-integers and NaN included), or on another voxel
-  grid than their image.
+all call these functions. A refused input raises one :class:`~aqcf.errors.AqcfError` line naming the
+file: unreadable or truncated files, anything but one 3D volume, non-finite voxels, a degenerate affine,
+inconsistent DICOM slices, label values outside {0, 1, 2} or a label on another grid than its image.
+The full table of refusals and their messages: docs/data.md, *What is refused: the input gate*.
 
 Reading costs one pass over each file: :func:`load_volume` and :func:`load_label` read and check;
 :func:`check_array` checks what a caller has already loaded; :func:`read_header` checks what the

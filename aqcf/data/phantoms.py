@@ -4,47 +4,13 @@ The real cohorts cannot be downloaded here, so every reader and the whole pipeli
 written in exactly the real layouts. A phantom is hand-written (no library draws abdomens): a
 tissue map is built from smooth random shapes, then rendered with a modality's intensity table.
 
-Anatomy (shared by both modalities, drawn independently per subject): a body of elliptic cross
-section with subcutaneous fat, an abdominal muscle wall and visceral fat; lung bases above the
-diaphragm; a liver of irregular smooth shape holding hypo- and hyperintense vessel trees; a
-gallbladder; spleen, stomach (with a gas pocket), bowel loops (wall, fluid, gas), both kidneys
-(cortex and medulla), aorta, inferior vena cava, a vertebra with spinal canal and paraspinal
-muscles; tumors of random number, radius and contrast inside the liver, some with a necrotic core
-(and, on MRI, an enhancing capsule).
-
-CT (LiTS-like, the realistic calibration described in docs/data.md): int16 Hounsfield units, liver 55–70 HU,
-tumors 0–4 per case of radius 3–15 mm, 85% hypodense (20–45 HU) and 15% hyperdense (80–100 HU),
-organs and vessels that overlap the tumors' HU, Gaussian noise of 10–15 HU, stored in LPS
-orientation at 2×2×3 mm. MRI (ATLAS-like, contrast-enhanced fat-suppressed T1): every case has
-1–3 tumors of radius 5–20 mm, mostly hypointense (wash-out) with an enhancing capsule on half of
-them; liver 280–360, a multiplicative bias field and Rician noise; intensities sit inside the
-paper's MRI window [74, 511]; stored in RAS orientation at 1.8×1.8×3.6 mm.
-
-T2 (``--n-t2``, :func:`t2_config`; a T2-weighted turbo spin echo without fat suppression, nnU-Net
-layout in ``T2/``): the liver (100–140) is darker than the spleen (200–260) and the kidneys; tumors
-are mostly hyperintense (85% at 170–260, necrotic cores 350–500 like fluid), the rest darker than
-the liver (70–95); fluid (gallbladder, bowel and stomach content, spinal canal) is very bright
-(500–800) and fat intermediate-bright (260–330); vessels are flow voids (20–60); muscle dark
-(70–100). 1–4 tumors per case of radius 4–18 mm, a gentler bias field (exp(0.15·field), body
-coil), gain 0.8–1.2, Rician noise 8–14; stored in LPI orientation at 1.5×1.5×5 mm. The tumors'
-range overlaps spleen, kidney cortex, bone marrow, bowel wall and the edge of fat, so no single
-intensity window finds them.
-
-Paired patients (``--paired``, :func:`make_paired_case`, ``Paired/``): one anatomy drawn once in
-world space and rendered as CT and as T1 MRI, each with its own config (intensities, noise, bias,
-spacing, orientation). The anatomy is drawn on a reference grid that covers the smaller of the two
-fields of view at half the finer spacing, centred at the same world point as both scans, and
-resampled (nearest neighbour) onto each scan's grid, so both affines map an anatomical point to
-the same scanner coordinates (no offset between the scans). Tumor count, radius, necrosis, capsule
-and whether a tumor is darker or brighter than the liver come from the MRI config and are shared.
-Layout (nnU-Net's multichannel naming, but the two channels lie on different grids, so each has its
-own label)::
-
-    Paired/imagesTr/pair_N_0000.nii.gz    CT (int16 HU)
-    Paired/imagesTr/pair_N_0001.nii.gz    MRI (int16 a.u.)
-    Paired/labelsTr/pair_N_ct.nii.gz      labels on the CT grid
-    Paired/labelsTr/pair_N_mri.nii.gz     labels on the MRI grid
-    Paired/dataset.json                   channel_names {"0": "CT", "1": "MRI"}
+Modalities: CT (LiTS-like, int16 HU), contrast-enhanced fat-suppressed T1 MRI (ATLAS-like) and,
+with ``--n-t2``, T2 MRI (:func:`t2_config`, nnU-Net layout in ``T2/``). Paired patients
+(``--paired``, :func:`make_paired_case`, ``Paired/``) are one anatomy drawn once in world space and
+rendered as CT and as T1 MRI, each on its own grid with its own label map, both affines mapping an
+anatomical point to the same scanner coordinates. The anatomy, every intensity range, spacing and
+orientation, and the ``Paired/`` layout are documented in docs/data.md, *Phantom cohorts* and
+*More phantom cohorts*.
 
 :func:`read_paired` lists the cases. Every cohort (CT, MRI, T2, paired) draws from its own random
 stream, so adding T2 or paired cases leaves the CT and MRI phantoms of a seed unchanged.

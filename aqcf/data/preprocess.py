@@ -9,11 +9,12 @@ One scan goes through, in this order (TorchIO transforms):
    of body voxels, which ignores isolated noise specks. Cropping before resampling gives the same
    region as after and touches fewer voxels. During cohort preprocessing the box is widened to
    contain every labelled voxel (the manifest records when that happened).
-3. ``Resample`` to ``spacing`` (default 1×1×1 mm): linear for the image, nearest neighbour for the
-   label.
-4. ``Clamp`` to the window and ``RescaleIntensity`` to [0, 1]: CT [-16, 176] HU, MRI [74, 511].
-5. ``EnsureShapeMultiple``: zero-pad (symmetrically) every axis to a multiple of ``pad_multiple`` (16,
-   for the network's four halvings).
+3. ``Resample`` to ``spacing`` (mm): linear for the image, nearest neighbour for the label.
+4. ``Clamp`` to the window and ``RescaleIntensity`` to [0, 1] (windows: :data:`DEFAULT_WINDOWS`).
+5. ``EnsureShapeMultiple``: zero-pad (symmetrically) every axis to a multiple of ``pad_multiple``
+   (for the network's four halvings).
+
+Default values and their reasons: :class:`PreprocessSettings` and docs/data.md, *Preprocessing*.
 
 :func:`preprocess_image` does this for one unlabeled scan and returns a record of the geometry;
 :func:`restore_to_original` maps a label map on the preprocessed grid back onto the original image's
@@ -117,7 +118,7 @@ class PreprocessSettings:
 
     @classmethod
     def default(cls, modality: str, **overrides) -> PreprocessSettings:
-        """The paper's settings for ``modality`` (CT: RAS, [-16, 176] HU; MRI: LAS, [74, 511]).
+        """The paper's settings for ``modality`` (:data:`DEFAULT_ORIENTATIONS`, :data:`DEFAULT_WINDOWS`).
 
         Any other name (a further MRI cohort such as ``"t2"``) gets the MRI defaults.
         """
