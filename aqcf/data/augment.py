@@ -1,11 +1,11 @@
 """Training augmentation of one patch (paper §3.1.3: random flips, 90° rotations, intensity shifts).
 
 Applied to each patch after it leaves its modality's TorchIO queue, independently per modality. The
-defaults are those of MONAI's BTCV (Swin UNETR) training recipe, whose transform list the paper's
-description matches: flips along each axis with probability 0.1, axial 90° rotations with probability
-0.1, an intensity shift of up to ±0.1 (in window units) with probability 0.5; an intensity scaling of up
-to ±10% with probability 0.5 is added. Rotations act in the axial plane (axes 0 and 1 after RAS/LAS
-reorientation) and only when the patch is square there, so the patch keeps its shape.
+defaults (the arguments of :func:`build_augmentation`) are those of MONAI's BTCV (Swin UNETR) training
+recipe, whose transform list the paper's description matches, plus an intensity scaling; why each was
+chosen: docs/data.md, *Choices where the paper is silent*. Intensity changes are in window units (the
+[0, 1] scale). Rotations act in the axial plane (axes 0 and 1 after RAS/LAS reorientation) and only
+when the patch is square there, so the patch keeps its shape.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """``aqcf export-nnunet``: a cohort as an nnU-Net v2 raw data set, with aqcf's folds as ``splits_final.json``.
 
 A real nnU-Net v2 baseline (paper section 4.1.3) must train on the same patient-level folds as the
-models of this package. nnU-Net reads its folds from ``nnUNet_preprocessed/DatasetXXX_NAME/splits_final.json``
-(a list of ``{"train": [...], "val": [...]}`` by case identifier), the format of aqcf's
-``<cache_dir>/<modality>/splits.json``; what has to agree is the case identifiers. This verb writes
-the raw data set with aqcf's case ids as nnU-Net's identifiers (``imagesTr/<id>_0000<ending>``,
-``labelsTr/<id><ending>``, links to the original files by default), its ``dataset.json``, and the fold
-file checked against those ids: the one given (``--splits``, e.g. the cache's ``splits.json``), or else
-the folds ``aqcf fit`` makes for this cohort (:func:`aqcf.data.splits.make_splits`, stratified by tumor
-presence, with the same ``n_folds`` and ``split_seed``). nnU-Net trains one modality per data set:
-export CT and MRI separately.
+models of this package; what has to agree is the case identifiers. This verb writes the raw data set
+with aqcf's case ids as nnU-Net's identifiers (``imagesTr/<id>_0000<ending>``, ``labelsTr/<id><ending>``),
+its ``dataset.json``, and the fold file checked against those ids: the one given (``--splits``), or else
+the folds :func:`aqcf.data.splits.make_splits` makes for this cohort, as ``aqcf fit`` does. One
+modality per data set. The whole workflow, nnU-Net's commands and the scoring of its folds:
+docs/baselines.md, *5. A real nnU-Net v2 on the same folds*.
 """
 
 from __future__ import annotations

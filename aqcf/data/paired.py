@@ -10,8 +10,8 @@ on one grid, the patient's preprocessed CT grid:
 2. the MRI is checked by the same gate, resampled onto that grid in world coordinates (linear for the
    image, nearest neighbour for its label; outside the MRI's field of view the image is the window
    floor, 0, and the label background) and windowed as the MRI cohort is (``mri_window`` to [0, 1]).
-   These files go to ``paired-mri-<key>/`` beside the CT cache; ``key`` hashes the CT cache's key, the
-   MRI window and the MRI files, so a change of any of them makes a new folder.
+   These files go to ``paired-mri-<key>/`` beside the CT cache (what ``key`` covers, options and
+   mixing: docs/data.md, *Paired fine-tuning batches*).
 
 A paired patch is read at one location of that grid from all four arrays (centred by the CT label with
 the configured label probabilities, :func:`aqcf.data.patches.draw_patch`), and one spatial augmentation

@@ -7,7 +7,7 @@ the voxel coordinates of each label (:func:`class_locations`, ``locations/<id>.n
 a patch is drawn in three steps:
 
 1. a label ``k`` with the configured probability, renormalised over the labels that have a valid
-   centre in this case (a tumor-free case: background 1/3, liver 2/3 under the defaults);
+   centre in this case;
 2. a centre uniformly among the stored coordinates of label ``k`` whose patch fits in the volume
    (TorchIO's rule: the patch ``[c - p//2, c - p//2 + p)`` lies inside the volume), so the centre voxel
    of the patch carries label ``k``;
