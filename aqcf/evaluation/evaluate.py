@@ -9,17 +9,11 @@ Folders in, a per-case table and a summary out (as nnU-Net's evaluation does):
   mean, SD, median, n of each metric, pooled Dice), plus where the inputs came from, and at its top
   level nnU-Net v2's ``metric_per_case`` / ``mean`` / ``foreground_mean`` (:func:`nnunet_summary`).
 
-Case ids: a NIfTI file's id is its name without ``.nii.gz`` / ``.nii`` in any case
-(:func:`aqcf.io.nifti_stem`). A prediction belongs to a reference when its id equals the reference
-case's id, the id of the case's image file (with an nnU-Net channel suffix ``_0000`` removed or kept)
-or the id of its label file: e.g. ``volume-3.nii.gz`` or ``3.nii.gz`` for LiTS ``segmentation-3.nii``.
-``--ref-format`` reads the reference folder through the dataset readers (LiTS, ATLAS, nnU-Net raw,
-3D-IRCADb-01 DICOM, LiverHccSeg); ``plain`` is a folder of ``NAME.nii[.gz]`` label maps.
-
-Every mask, predicted or reference, is read completely through the input gate
-(:func:`aqcf.data.gate.load_label`): a truncated file, a 2D or multi-volume image, a degenerate
-affine, or values other than 0, 1, 2 (non-integers and NaN included) end the run with one line
-naming the file.
+A prediction is matched to a reference by its file's id (:func:`aqcf.io.nifti_stem`): the case id,
+its image file's id or its label file's id. ``--ref-format`` reads the reference folder through the
+dataset readers; ``plain`` is a folder of ``NAME.nii[.gz]`` label maps. Every mask, predicted or
+reference, is read through the input gate (:func:`aqcf.data.gate.load_label`). Options, the matching
+rules with examples and the ``summary.json`` layout: docs/evaluation.md, *`aqcf evaluate`*.
 """
 
 from __future__ import annotations

@@ -6,22 +6,19 @@ cases into per-modality, per-class statistics. ``aqcf evaluate`` and ``aqcf test
 (:class:`aqcf.evaluation.test_results.TestResultsWriter`) both call these two and write the same files
 (:mod:`aqcf.evaluation.evaluate`).
 
-Conventions (also in ``docs/evaluation.md``):
+Conventions:
 
 * **Classes.** ``liver`` is the whole liver including tumor (label 1 or 2, the LiTS convention);
   ``tumor`` is label 2 (:data:`aqcf.constants.REGIONS`).
-* **Metrics.** Dice, the 95th-percentile Hausdorff distance (HD95, mm) and the mean symmetric surface
-  distance (MSD, mm), all from MONAI (:func:`monai.metrics.compute_dice`,
-  :func:`monai.metrics.compute_hausdorff_distance`, :func:`monai.metrics.compute_average_surface_distance`)
-  with the reference's voxel spacing. Surfaces are the mask voxels with a face-neighbour outside the
-  mask. HD95 is the larger of the two directed 95th percentiles (linear interpolation); MSD is the mean
-  of the pooled distances of both directions.
-* **Empty masks.** Both empty: Dice 1, HD95 0, MSD 0. Exactly one empty: Dice 0 and the distances are
-  undefined, reported as NaN (``empty_distance="nan"``, the default: excluded from means and counted as
-  ``n_undefined`` in the summary) or, with ``empty_distance="diagonal"``, the image diagonal in mm.
+* **Metrics.** Dice (a fraction), HD95 and MSD (mm, with the reference's voxel spacing), from MONAI.
+* **Empty masks.** Where exactly one mask is empty the distances are undefined: NaN
+  (``empty_distance="nan"``, the default, counted as ``n_undefined`` in the summary) or the image
+  diagonal in mm (``empty_distance="diagonal"``).
 * **Pooled Dice.** Each row carries the voxel counts of prediction, reference and their intersection,
-  so the summary also gives the global Dice ``2·Σ|P∩R| / (Σ|P| + Σ|R|)`` over cases, which tumor-free
-  cases (Dice 0 or 1 on a few voxels) cannot swing the way they swing the per-case mean.
+  from which the summary gives the pooled Dice over cases beside the per-case mean.
+
+The surface and percentile definitions, the empty-mask table and why both Dice summaries are
+reported: docs/evaluation.md, *Metrics*, *Empty masks* and *Per-case mean and pooled Dice*.
 """
 
 from __future__ import annotations

@@ -1,15 +1,8 @@
 """Reader study statistics (sections 4.1.2 and 4.6, Table 8): ``aqcf reader-stats scores.csv [--out DIR]``.
 
-Input: a CSV with one row per case and the columns
-
-=====================  ==========================================================================
-``case``               case identifier (any text, unique)
-``reader1_score``      reader 1's quality score on the Likert scale (1 poor/unusable .. 10 excellent)
-``reader2_score``      reader 2's score, same scale
-``reader1_acceptable`` reader 1's clinical acceptability: 1/0, yes/no, true/false (case-insensitive);
-                       acceptable = needs no edits or only minor edits for treatment planning
-``reader2_acceptable`` reader 2's label, same coding
-=====================  ==========================================================================
+Input: a CSV with one row per case and the columns ``case``, ``reader1_score``, ``reader2_score``
+(Likert quality scores), ``reader1_acceptable`` and ``reader2_acceptable`` (1/0, yes/no, true/false,
+case-insensitive); their meaning and the accepted scale: docs/explain.md, *Reader study*.
 
 Other columns (e.g. ``modality``, comments) are ignored. Output: per reader the mean ± SD (ddof = 1)
 of the scores and the number and percentage of acceptable cases; the inter-reader ICC(2,1) of the

@@ -10,6 +10,8 @@ relative to the run; summaries of one fold that hold different modalities (``fol
 Output (``--out``): ``report.md`` (the paper's Table 2/3 layout per modality, the significance table,
 the Table 7-like ablation view), ``table_ct.csv``, ``table_mri.csv``, ``significance.csv``,
 ``ablation.csv``, ``folds.csv`` (every fold-wise score) and ``dice.png`` (bar chart of the Dice table).
+The statistics (SD, undefined distances, Wilcoxon, Bonferroni, the ablation score): docs/evaluation.md,
+*`aqcf report`*.
 """
 
 from __future__ import annotations
