@@ -3,12 +3,9 @@
 :func:`available_layers` lists the stem, the four encoder stages and the four decoder stages of the
 explained stream, and the (shared) bottleneck: the layers on that stream's unimodal path (eq. 17). The
 default (:func:`default_layer`) is the last decoder stage of the stream, the layer that feeds the
-1×1×1 head: it is the stream's last convolutional layer (the layer Selvaraju et al. recommend, the best
-compromise of semantics and spatial detail) and it has the input's resolution, so nothing is lost to
-upsampling. Because the head is linear, Grad-CAM at this layer equals the positive part of the tumor
-logit minus the head's bias, normalised: the network's own tumor evidence. The bottleneck
-(``bottleneck``) shows what the shared, modality-agnostic representation uses, at 1/16 of the
-resolution.
+1×1×1 head, at the input's resolution; the bottleneck (``bottleneck``) shows what the shared,
+modality-agnostic representation uses. Why this default, and which layers are offered:
+docs/explain.md, *Saliency*.
 """
 
 from __future__ import annotations

@@ -5,14 +5,9 @@ Pure numpy/scipy functions of a saliency map (e.g. Grad-CAM++ for the tumor clas
 image grid) and the ground-truth tumor mask, both (X, Y, Z) on the same grid, with the voxel spacing in
 mm. No library ships these localisation scores for 3-D masks with anisotropic voxels, hence by hand.
 
-The rules, which the paper does not state, are chosen here and documented in ``docs/explain.md``:
-
-* binarisation (for the IoU): ``"topk"`` by default, the ``k`` most salient voxels with ``k`` the tumor
-  volume in voxels; ``"fraction"`` (``>= threshold * max``) and ``"quantile"`` are options;
-* boundary band: voxels within ``band_mm`` (3 mm) of the tumor boundary on either side, distances in
-  mm; the coverage is by default the fraction of the saliency *mass* inside the band;
-* pointing game: the map's maximum (first in C order on ties) inside the tumor, or within
-  ``tolerance_mm`` of it.
+The paper does not state the rules (binarisation for the IoU, the boundary band in mm on either side
+of the tumor boundary, the pointing game's peak and tolerance); they are chosen here, and each default
+and why it was chosen is in docs/explain.md, *Saliency localisation*.
 
 A case without tumor has no localisation target: the single-metric functions raise
 :class:`AqcfError` for an empty mask, and :func:`saliency_metrics` returns NaN for it, which

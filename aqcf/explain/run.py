@@ -19,7 +19,8 @@ with the checkpoint's settings.
 
 Each case is analysed on one window of the training patch size centred on its largest tumor
 (:func:`aqcf.explain.windows.extract_window`), or with ``--whole-volume`` on the whole preprocessed
-volume.
+volume. Every column of the outputs, the window rule and the cost: docs/explain.md, *Analysis of a
+trained network*.
 """
 
 from __future__ import annotations
