@@ -12,7 +12,7 @@ from pathlib import Path
 import matplotlib.image as mpimg
 import numpy as np
 
-from aqcf.visualize import figure_to_rgb
+from aqcf.visualize.canvas import figure_to_rgb
 
 # a label colour blended at the overlays' opacity (0.4) leads the other channels by ~0.4; the grey
 # image, the text and the frame lead by nothing

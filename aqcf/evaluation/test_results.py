@@ -78,7 +78,7 @@ class TestResultsWriter(L.Callback):
         modality, case_id = case["modality"], case["id"]
         if self._overlays_drawn.get(modality, 0) >= pl_module.test_overlays:
             return
-        from aqcf.visualize import save_overlay_png
+        from aqcf.visualize.overlays import save_overlay_png
 
         self._overlays_drawn[modality] = self._overlays_drawn.get(modality, 0) + 1
         save_overlay_png(

@@ -314,7 +314,7 @@ def write_probabilities(path: str | Path, probabilities: np.ndarray) -> Path:
 
 
 def _overlay(path: Path, reference, labels: np.ndarray, title: str) -> None:
-    from aqcf.visualize import save_overlay_png
+    from aqcf.visualize.overlays import save_overlay_png
 
     # closest canonical (RAS) axes: what the radiological display convention expects
     image = nib.as_closest_canonical(reference)

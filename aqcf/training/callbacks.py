@@ -34,7 +34,7 @@ class ValidationOverlays(L.Callback):
             return
         if trainer.current_epoch % self.every_n_epochs:
             return
-        from aqcf.visualize import save_overlay_png
+        from aqcf.visualize.overlays import save_overlay_png
 
         out = Path(trainer.default_root_dir) / "overlays"
         out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,8 @@ from matplotlib.colors import to_rgb
 
 from aqcf.cli import main
 from aqcf.explain import gates as gates_module
-from aqcf.visualize import canvas, pick_slices
+from aqcf.visualize import canvas
+from aqcf.visualize.overlays import pick_slices
 from tests.pictures import blue, colour_at, grey, keep_figures, near, panel, read_png, red, view_cell
 
 DRAWN: dict = {}  # file name -> the figure `aqcf explain` saved there (the module's run)

@@ -9,9 +9,10 @@ import pytest
 from matplotlib.colors import to_rgb
 
 from aqcf.errors import AqcfError
-from aqcf.visualize import figure_to_rgb, overlay, overlay_grid, pick_slices, save_overlay_png
+from aqcf.visualize.canvas import figure_to_rgb
 from aqcf.visualize.charts import BOX_COLOURS, bar_chart, box_chart, run_colors
 from aqcf.visualize.maps import plot_feature_maps, plot_saliency
+from aqcf.visualize.overlays import overlay, overlay_grid, pick_slices, save_overlay_png
 from tests.pictures import blue, colour_at, grey, panel, ras_cell, read_png, red, rendered
 
 
