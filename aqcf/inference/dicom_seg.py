@@ -1,17 +1,10 @@
 """A label map as a DICOM Segmentation object (``aqcf segment --dicom-seg``), written with highdicom.
 
 The object is a BINARY Segmentation that references the source series' slices (SOP instance UIDs),
-one frame per source slice and segment, in the source's geometry. Two segments, overlapping as in the
-evaluation's convention:
-
-| segment | label | voxels | property category (SNOMED CT) | property type (SNOMED CT) |
-|---|---|---|---|---|
-| 1 | ``liver`` | labels 1 and 2 (the liver with its tumors) | 91723000 Anatomical Structure | 10200004 Liver |
-| 2 | ``tumor`` | label 2 | 49755003 Morphologically Abnormal Structure | 108369006 Neoplasm |
-
-The codes are pydicom's ``codes.SCT`` / ``codes.cid7150`` entries (DICOM CID 7150, Segmentation
-Property Categories; CID 7151 lists Liver, CID 7159 Neoplasm). Empty frames are kept, so every source
-slice has one frame per segment.
+one frame per source slice and segment, in the source's geometry, with empty frames kept. Two
+segments, overlapping as in the evaluation's convention: ``liver`` (labels 1 and 2) and ``tumor``
+(label 2), coded in SNOMED CT from pydicom's ``codes.SCT``. The codes and why they were chosen:
+docs/inference.md, *DICOM Segmentation output*.
 """
 
 from __future__ import annotations

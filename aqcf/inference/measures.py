@@ -1,19 +1,11 @@
 """Clinical measures of a liver / tumor label map in physical space: what a reader looks at first.
 
-Definitions (also in ``docs/inference.md``):
-
-* **Liver volume** (mL): voxels labelled liver or tumor (1 or 2: the whole organ, tumors included, as in
-  LiTS) × the voxel volume ``|det A|`` of the affine's 3×3 part (mm³) / 1000.
-* **Tumor volume** (mL): voxels labelled 2, likewise; **tumor burden** (%): tumor / liver volume.
-* **Number of tumors**: connected components of label 2 under 26-connectivity (voxels touching by a
-  face, an edge or a corner belong to one tumor). Every component counts, however small.
-* **Tumor diameter** (mm): the maximum 3D Feret diameter, i.e. the largest distance between two points
-  of the tumor, each voxel taken as the solid box it covers (so a 10-voxel row of 1 mm voxels measures
-  10 mm, not 9). Computed exactly from the convex hull of the voxel corners, mapped through the affine,
-  so oblique and anisotropic grids are measured in millimetres. Independent of how the scan is oriented.
-* **Axial diameter** (mm): the RECIST-style longest in-plane diameter: the largest distance between two
-  points of one tumor's cross-section in one acquired slice (slices along the voxel axis closest to the
-  patient's head-foot axis), the maximum over its slices. Always ≤ the Feret diameter.
+Measures, in physical units on the label map's own grid (the voxel volume is ``|det A|`` of the
+affine's 3×3 part, in mm³, so oblique and anisotropic grids are measured correctly): the liver volume
+(labels 1 and 2, mL), the tumor volume (label 2, mL), the tumor burden (%), the number of tumors
+(connected components of label 2 under 26-connectivity) and each tumor's maximum 3D Feret diameter
+and RECIST-style axial diameter (mm). The exact definition of every key: docs/inference.md,
+*Clinical measures*.
 
 The hull and the distances are computed here (scipy's ``ConvexHull`` and ``cdist``); labelling uses
 ``scipy.ndimage.label``.
