@@ -7,9 +7,9 @@ monitor, the writers of ``test`` results (:class:`~aqcf.evaluation.test_results.
 W&B fallback to offline mode when no API key is configured.
 
 Checked before any work starts (one ``aqcf: error:`` line, exit 2, see :mod:`aqcf.cli`): the run folder,
-checkpoint folder and cache folder can be folders; ``--init_from`` (fit only, not with ``--ckpt_path``: the
-weights of a checkpoint for a fresh run, loaded strictly before training; optimizer and counters start anew)
-passes the same check; ``--ckpt_path`` (``last`` and ``best`` resolved in
+checkpoint folder and cache folder can be folders; ``--init_from`` (fit only, not with ``--ckpt_path``;
+what it loads and what starts anew: docs/training.md, *Fine-tuning from a checkpoint*) passes the same
+check; ``--ckpt_path`` (``last`` and ``best`` resolved in
 ``<run>/checkpoints``) passes :func:`~aqcf.training.checkpoint_io.check_checkpoint`; ``fit`` refuses a
 folder holding checkpoints unless resuming or ``--overwrite true``; ``test`` refuses to replace the
 results in ``<run>/test`` and ``predict`` the masks in its output folder without ``--overwrite true``.
