@@ -71,7 +71,7 @@ OUTPUT_NAME = "logits"
 #: windows, per format. The TorchScript trace runs PyTorch's own kernels. onnxruntime rounds
 #: differently, and the zero-filled stream's instance norms (nearly constant fields) amplify float32
 #: rounding, which the float64 norm statistics of PreciseInstanceNorm contain. The measured differences:
-#: docs/inference.md, *`aqcf export`: ONNX and TorchScript* (*Equality*).
+#: docs/inference.md, *`aqcf export`: ONNX and TorchScript*, its *Equality* paragraph.
 TOLERANCE = {"torchscript": 1e-4, "onnx": 1e-4}
 #: MONAI's Gaussian blending sigma as a fraction of the window (``sliding_window_inference``'s default)
 GAUSSIAN_SIGMA_SCALE = 0.125
