@@ -25,6 +25,8 @@ co-registered scans of one patient together, one input per modality in the same 
 (:func:`segment_patient`, :mod:`aqcf.inference.multimodal`): every given stream's mask is written as
 ``<first stem>_<modality><suffix>.nii.gz`` (with its ``.json``, and ``.png`` / probabilities when asked)
 on that modality's own scan grid.
+
+What is refused, what runs and every key of the ``.json``: docs/inference.md, *`aqcf segment`*.
 """
 
 from __future__ import annotations
