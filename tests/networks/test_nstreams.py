@@ -1,5 +1,5 @@
 """AQCFNet with M named streams: M = 1, 2, 3 build and train, M = 2 is the two-stream network bit for bit
-(outputs saved before the change, ``tests/fixtures/nstreams_reference.pt``), absent streams, the combination
+(outputs saved before the change, ``tests/data/reference/nstreams_reference.pt``), absent streams, the combination
 rule of the A-QCF block, and the parameter count by arithmetic on submodules."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from aqcf.nn.fusion import AQCFBlock
 from aqcf.nn.quaternion import quaternion_cat
 from tests.networks.counts import expected_count
 
-REFERENCE = Path(__file__).parents[1] / "fixtures" / "nstreams_reference.pt"
+REFERENCE = Path(__file__).parents[1] / "data" / "reference" / "nstreams_reference.pt"
 WIDTHS = (2, 4, 8, 8)  # two stages: inputs divisible by 4
 PATCH = (16, 16, 16)
 # every argument a reading changes, so that a change of the defaults does not change these networks
