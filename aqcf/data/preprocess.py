@@ -524,17 +524,3 @@ def main(argv: list[str] | None = None) -> int:
     load_or_create_splits(splits_path, manifest.ids, manifest.has_tumor, n_folds=args.n_folds, seed=args.split_seed)
     print(f"{splits_path}: {args.n_folds} folds stratified by tumor presence")
     return 0
-
-
-# The cohort cache moved to aqcf.data.cache, which imports this module: these names, used from here
-# before, are looked up there on first use.
-_FROM_CACHE = ("preprocess_case", "preprocess_cohort", "cohort_key")
-
-
-def __getattr__(name: str):
-    """``preprocess_case``, ``preprocess_cohort`` and ``cohort_key`` of :mod:`aqcf.data.cache`."""
-    if name in _FROM_CACHE:
-        from aqcf.data import cache
-
-        return getattr(cache, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

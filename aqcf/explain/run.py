@@ -123,7 +123,7 @@ class CaseData:
 
     @classmethod
     def from_entry(cls, entry: Mapping) -> CaseData:
-        """From a preprocessing-cache manifest entry (:func:`aqcf.data.preprocess.preprocess_case`)."""
+        """From a preprocessing-cache manifest entry (:func:`aqcf.data.cache.preprocess_case`)."""
         if not entry.get(LABEL):
             raise AqcfError(f"{entry.get('source_image', entry['id'])}: no label; saliency scores need the tumor mask")
         return cls(
@@ -168,8 +168,8 @@ def cohort_cases(
 ) -> list[CaseData]:
     """Every case of a cohort folder, preprocessed with ``settings`` (the checkpoint's
     :class:`~aqcf.data.preprocess.PreprocessSettings` of the cohort's modality) into ``cache``."""
+    from aqcf.data.cache import preprocess_cohort
     from aqcf.data.cohorts import read_cohort
-    from aqcf.data.preprocess import preprocess_cohort
 
     cases = read_cohort(root, data_format, settings.modality)
     manifest = preprocess_cohort(

@@ -227,8 +227,8 @@ def t2_swapped(t2_cohort, tmp_path_factory) -> Path:
 
 
 def test_swapped_masks_with_declared_labels_cache_the_same_label_maps(t2_cohort, t2_swapped, tmp_path):
+    from aqcf.data.cache import cohort_key
     from aqcf.data.cohorts import read_cohort
-    from aqcf.data.preprocess import cohort_key
 
     sources = [np.asarray(nib.load(p).dataobj) for p in sorted((t2_swapped / "labelsTr").glob("*.nii.gz"))]
     originals = [np.asarray(nib.load(p).dataobj) for p in sorted((t2_cohort / "labelsTr").glob("*.nii.gz"))]
@@ -269,8 +269,9 @@ def test_label_value_the_mapping_does_not_cover_is_one_line_naming_the_file(t2_c
 def test_default_labels_leave_the_cache_key_unchanged(t2_cohort):
     import hashlib
 
+    from aqcf.data.cache import cohort_key
     from aqcf.data.cohorts import read_cohort
-    from aqcf.data.preprocess import DEFAULT_LABELS, cohort_key
+    from aqcf.data.preprocess import DEFAULT_LABELS
 
     named = UnpairedDataModule(cohorts=[{"name": "t2", "root": str(t2_cohort), "labels": {"0": "background",
                                                                                             "1": "liver", "2": 2}}])
