@@ -70,6 +70,8 @@ QUICK_SHAPES = (
 NUM_CLASSES = 3
 LEARNING_RATE = 1e-4
 WEIGHT_DECAY = 1e-5
+# steps per process in --train-step; all but the first are timed (it pays page faults, primitive creation)
+TRAIN_STEPS = 3
 
 
 class LayerShape(NamedTuple):
@@ -223,8 +225,12 @@ def _summary_rows(results: list[tuple[LayerShape, int, dict[str, dict]]], case: 
     return _as_rows(case, rows)
 
 
-def _train_step(widths: tuple[int, ...], product: str) -> dict:
-    """One joint training step (as ``bench_model``: forward, DiceCE per stream, backward, AdamW) on CPU."""
+def _train_step(widths: tuple[int, ...], product: str, steps: int = TRAIN_STEPS) -> dict:
+    """Joint training steps (as ``bench_model``: forward, DiceCE per stream, backward, AdamW) on CPU.
+
+    Returns the median time of the steps after the first (which pays page faults and oneDNN's
+    primitive creation; the first itself if ``steps`` is 1) and the time of every step.
+    """
     from monai.losses import DiceCELoss
 
     from aqcf.networks.aqcfnet import AQCFNet
@@ -235,27 +241,46 @@ def _train_step(widths: tuple[int, ...], product: str) -> dict:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     ct, mri = torch.rand(1, 1, *PATCH), torch.rand(1, 1, *PATCH)
     y_ct, y_mri = torch.randint(0, NUM_CLASSES, (1, 1, *PATCH)), torch.randint(0, NUM_CLASSES, (1, 1, *PATCH))
-    start = time.perf_counter()
-    logits_ct, logits_mri = net(ct, mri)
-    loss = loss_fn(logits_ct, y_ct) + loss_fn(logits_mri, y_mri)
-    loss.backward()
-    optimizer.step()
-    return {"step_s": time.perf_counter() - start, "threads": torch.get_num_threads()}
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        logits_ct, logits_mri = net(ct, mri)
+        loss = loss_fn(logits_ct, y_ct) + loss_fn(logits_mri, y_mri)
+        loss.backward()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return {"step_s": statistics.median(times[1:] or times), "steps_s": times, "threads": torch.get_num_threads()}
 
 
-def train_step_rows(widths: tuple[int, ...] = PAPER_WIDTHS) -> list[dict]:
-    """One training step with every quaternion layer dense, then one with ``auto``, each in a fresh process."""
-    results = {}
-    for product in ("dense", "auto"):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--step", product, "--widths", *map(str, widths)]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[product] = json.loads(done.stdout.strip().splitlines()[-1])
+def train_step_rows(widths: tuple[int, ...] = PAPER_WIDTHS, rounds: int = 1, steps: int = TRAIN_STEPS) -> list[dict]:
+    """Training steps with every quaternion layer dense and with ``auto``, each product in fresh processes.
+
+    One round is two processes, ``dense`` then ``auto``; further rounds alternate the order (dense,
+    auto, auto, dense, ...), so that a load that drifts over the run hits both products alike. Each
+    process takes ``steps`` steps and reports the median of all but the first; the ratio is that of the
+    means over the processes.
+    """
+    order = [p for n in range(rounds) for p in (("dense", "auto") if n % 2 == 0 else ("auto", "dense"))]
+    timed: dict[str, list[float]] = {"dense": [], "auto": []}
+    threads = 0
+    for product in order:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--step", product, "--steps", str(steps)]
+        done = subprocess.run([*cmd, "--widths", *map(str, widths)], capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        timed[product].append(result["step_s"])
+        threads = result["threads"]
+        each_step = ", ".join(f"{t:.1f}" for t in result["steps_s"])
+        print(f"[quaternion] train steps {product}: {each_step} s", file=sys.stderr, flush=True)
     case = f"train step widths {'-'.join(map(str, widths))}, CT+MRI {'x'.join(map(str, PATCH))}, CPU"
-    note = f"one first step per product, each in a fresh process, {results['dense']['threads']} torch threads"
+    each = ", ".join(f"{name} " + " / ".join(f"{t:.1f}" for t in times) + " s" for name, times in timed.items())
+    note = f"median of steps 2-{steps} in a fresh process, mean of {rounds} process(es) per product, "
+    note += f"order {'-'.join(order)}, {threads} torch threads; per process: {each}"
+    dense, auto = statistics.mean(timed["dense"]), statistics.mean(timed["auto"])
     rows = [
-        ("step, every quaternion layer dense", results["dense"]["step_s"], "s", note),
-        ("step, auto", results["auto"]["step_s"], "s", note),
-        ("auto / dense", results["auto"]["step_s"] / results["dense"]["step_s"], "ratio", "one step each: noisy"),
+        ("step, every quaternion layer dense", dense, "s", note),
+        ("step, auto", auto, "s", note),
+        ("auto / dense", auto / dense, "ratio", note),
     ]
     return _as_rows(case, rows)
 
@@ -288,11 +313,14 @@ if __name__ == "__main__":
     parser.add_argument("--train-step", action="store_true", help="paper-width training step, dense vs auto")
     parser.add_argument("--step", choices=("dense", "fast", "auto"), help="time one training step (internal)")
     parser.add_argument("--widths", type=int, nargs="+", default=list(PAPER_WIDTHS))
+    parser.add_argument("--rounds", type=int, default=2, help="--train-step: rounds of one dense + one auto process")
+    parser.add_argument("--steps", type=int, default=TRAIN_STEPS,
+                        help="--train-step: steps per process, all but the first timed")
     args = parser.parse_args()
     if args.step:
-        print(json.dumps(_train_step(tuple(args.widths), args.step)))
+        print(json.dumps(_train_step(tuple(args.widths), args.step, args.steps)))
     elif args.train_step:
-        for row in train_step_rows(tuple(args.widths)):
+        for row in train_step_rows(tuple(args.widths), args.rounds, args.steps):
             print(json.dumps(row))
     else:
         for row in run(quick=args.quick):
