@@ -32,8 +32,7 @@ __all__ = [
     "check_label_values",
     "check_modality",
     "check_name",
-    "declare_modalities",
-    "known_modalities",
+    "check_stream",
 ]
 
 CT = "ct"
@@ -116,48 +115,39 @@ def check_label_values(path: str | PathLike, array) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ modalities
 
 
-# further stream names, declared where they enter: a config's data.cohorts, a network's modalities
-_DECLARED: dict[str, None] = {}
-
-
 def check_name(modality: str) -> str:
-    """Return ``modality`` lower-cased if it can name a stream (an identifier), else raise :class:`AqcfError`."""
+    """Return ``modality`` lower-cased if it can name a stream (an identifier), else raise :class:`AqcfError`.
+
+    A stream or cohort of any name (``"t2"``, ``"pet"``) passes: which names a model or a data module
+    accepts is theirs to say (:func:`check_modality` with their names).
+    """
     value = str(modality).lower()
     if not value.isidentifier():
         raise AqcfError(f"modality {modality!r} is not a name (letters, digits, underscores)")
     return value
 
 
-def declare_modalities(names: Sequence[str]) -> tuple[str, ...]:
-    """Make the stream names a data module or model declares (``("ct", "mri", "t2")``) known to
-    :func:`check_modality` in this process; returns them lower-cased."""
-    values = tuple(check_name(n) for n in names)
-    _DECLARED.update((v, None) for v in values if v not in MODALITIES)
-    return values
-
-
-def known_modalities() -> tuple[str, ...]:
-    """``("ct", "mri")`` and the names declared by :func:`declare_modalities`."""
-    return (*MODALITIES, *_DECLARED)
-
-
-def check_modality(modality: str, allowed: Sequence[str] | None = None) -> str:
+def check_modality(modality: str, allowed: Sequence[str] = MODALITIES) -> str:
     """Return ``modality`` lower-cased if it is one of ``allowed``, else raise :class:`AqcfError`.
 
     Args:
         modality: a stream / cohort name, any case.
-        allowed: the names accepted; ``None`` (default): ``"ct"``, ``"mri"`` and the names declared
-            by :func:`declare_modalities` (a config's further cohorts, e.g. ``"t2"``).
+        allowed: the names accepted (default ``"ct"`` and ``"mri"``); a network's or a data module's
+            ``modalities`` where further cohorts (``"t2"``) may occur.
     """
     value = str(modality).lower()
-    declared = allowed is None
-    allowed = known_modalities() if declared else tuple(allowed)
+    allowed = tuple(allowed)
     if value not in allowed:
         if allowed == MODALITIES:
             raise AqcfError(f"modality {modality!r} is neither 'ct' nor 'mri'")
-        if declared:
-            raise AqcfError(
-                f"modality {modality!r} is neither 'ct' nor 'mri' nor a declared cohort ({', '.join(_DECLARED)})"
-            )
         raise AqcfError(f"modality {modality!r} is none of {', '.join(allowed)}")
     return value
+
+
+def check_stream(modality: str, network: object) -> str:
+    """Return ``modality`` lower-cased if ``network`` has a stream of that name, else raise :class:`AqcfError`.
+
+    The streams are the network's ``modalities`` attribute (``("ct", "mri", "t2")`` for three
+    cohorts); a network without one serves ``"ct"`` and ``"mri"``.
+    """
+    return check_modality(modality, getattr(network, "modalities", MODALITIES))

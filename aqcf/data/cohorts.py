@@ -296,13 +296,13 @@ def read_cohort(
         format: ``"lits"``, ``"atlas"``, ``"nnunet"``, or a format registered with
             :func:`register_reader` (the external-cohort readers register on import).
         modality: The cohort's name, one of ``modalities``.
-        modalities: The names allowed; ``None``: ``"ct"``, ``"mri"`` and the declared cohort names
-            (:func:`aqcf.constants.declare_modalities`). The data module passes its cohorts' names.
+        modalities: The names allowed; ``None``: any stream name (``"ct"``, ``"mri"``, ``"t2"``, ...).
+            The data module passes its cohorts' names.
 
     Returns:
         The cases, in the reader's order.
     """
-    modality = check_modality(modality, modalities)
+    modality = check_name(modality) if modalities is None else check_modality(modality, modalities)
     name = str(format).lower()
     if name not in READERS:
         try:

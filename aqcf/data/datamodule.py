@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI, check_modality, check_name, declare_modalities
+from aqcf.constants import CT, IMAGE, LABEL, MODALITIES, MRI, check_modality, check_name
 from aqcf.data.augment import build_augmentation
 from aqcf.data.cache import Manifest, preprocess_cohort
 from aqcf.data.cohorts import read_cohort
@@ -403,7 +403,6 @@ class UnpairedDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         _check_settings(self.hparams)
         self.cohorts = cohorts_from_hparams(self.hparams)
-        declare_modalities([c.name for c in self.cohorts])
         if paired_root is not None and not {CT, MRI} <= {c.name for c in self.cohorts}:
             raise AqcfError("data.paired_root: paired fine-tuning trains both streams; set ct_root and mri_root")
         self.roots = {c.name: c.root for c in self.cohorts}

@@ -451,7 +451,8 @@ def _parser() -> argparse.ArgumentParser:  # long: the flat list of the verb's f
     )
     p.add_argument("--data", required=True, help="cohort folder")
     p.add_argument("--format", required=True, help="cohort layout: lits, atlas or nnunet")
-    p.add_argument("--modality", required=True, choices=[CT, MRI])
+    p.add_argument("--modality", required=True, metavar="NAME",
+                   help="ct, mri or a further cohort's name (t2, ...: MRI defaults); names the cache and the fold file")
     p.add_argument("--cache", required=True, help="cache folder (receives <name>-<key>/)")
     p.add_argument("--name", help="cache folder prefix (default MODALITY-FORMAT)")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default 0: this process)")
@@ -461,9 +462,9 @@ def _parser() -> argparse.ArgumentParser:  # long: the flat list of the verb's f
         type=float,
         nargs=2,
         metavar=("LOW", "HIGH"),
-        help="intensities mapped to [0, 1] (default CT -16 176, MRI 74 511)",
+        help="intensities mapped to [0, 1] (default CT -16 176, MRI and other names 74 511)",
     )
-    p.add_argument("--orientation", help="target axis codes (default CT RAS, MRI LAS)")
+    p.add_argument("--orientation", help="target axis codes (default CT RAS, MRI and other names LAS)")
     p.add_argument("--pad-multiple", type=int, help="pad sizes to a multiple of this (default 16)")
     p.add_argument(
         "--skip-bad",

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from aqcf.constants import REGIONS, check_modality
+from aqcf.constants import REGIONS, check_name
 from aqcf.data.gate import SAME_GRID_TOLERANCE_MM, Volume, load_label
 from aqcf.errors import AqcfError
 from aqcf.evaluation.metrics import EMPTY_DISTANCE_RULES, ROW_FIELDS, evaluate_case, summarise
@@ -120,7 +120,7 @@ def _read_cases(ref: Path, ref_format: str, reader_options: Mapping, modality: s
     from aqcf.data import cohorts
 
     if ref_format == "nnunet" and modality is None:
-        raise AqcfError(f"{ref}: nnU-Net reference folders need --modality ct or --modality mri")
+        raise AqcfError(f"{ref}: nnU-Net reference folders need --modality (ct, mri or a cohort name)")
     readers = {"lits": cohorts.read_lits, "atlas": cohorts.read_atlas, "nnunet": cohorts.read_nnunet}
     return readers[ref_format](ref, **options)
 
@@ -380,9 +380,9 @@ def evaluate_folder(
 
     if empty_distance not in EMPTY_DISTANCE_RULES:
         raise AqcfError(f"empty distance rule {empty_distance!r} is not one of {EMPTY_DISTANCE_RULES}")
-    modality = check_modality(modality) if modality else None
+    modality = check_name(modality) if modality else None
     if ref_format == "plain" and modality is None:
-        raise AqcfError(f"{ref}: plain reference folders need --modality ct or --modality mri")
+        raise AqcfError(f"{ref}: plain reference folders need --modality (ct, mri or a cohort name)")
     _check_writable(Path(out_dir), overwrite)
     pairs = match_predictions(pred_dir, read_references(ref, ref_format, reader_options, modality))
     import nibabel as nib
@@ -391,7 +391,7 @@ def evaluate_folder(
     bar = tqdm(pairs, desc="evaluate", unit="case", file=sys.stderr, disable=not progress)
     for reference, pred_path in bar:
         rows += evaluate_pair(pred_path, reference.label, case=reference.id,
-                              modality=modality or check_modality(reference.modality),
+                              modality=modality or check_name(reference.modality),
                               empty_distance=empty_distance)
         # the header alone gives the voxel count (nnU-Net's TN); the gate has read the file already
         files[reference.id] = {"prediction_file": str(pred_path), "reference_file": str(reference.label),
@@ -428,7 +428,7 @@ def format_summary(summary: Mapping) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``aqcf evaluate --pred DIR --ref DIR --out DIR [--modality ct|mri] [--ref-format ...]``."""
+    """``aqcf evaluate --pred DIR --ref DIR --out DIR [--modality NAME] [--ref-format ...]``."""
     from aqcf.errors import ArgumentParser
 
     parser = ArgumentParser(
@@ -440,8 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ref", required=True, type=Path, help="reference folder (see --ref-format)")
     parser.add_argument("--out", required=True, type=Path,
                         help="output folder for metrics.csv and summary.json")
-    parser.add_argument("--modality", choices=("ct", "mri"), default=None,
-                        help="modality of the cases (required for --ref-format plain and nnunet)")
+    parser.add_argument("--modality", default=None, metavar="NAME",
+                        help="modality of the cases: ct, mri or a further cohort's name (required for "
+                        "--ref-format plain and nnunet)")
     parser.add_argument("--ref-format", choices=REF_FORMATS, default="plain",
                         help="plain: NAME.nii[.gz] label maps; lits, atlas, nnunet: dataset folders; "
                         "ircadb: 3D-IRCADb-01 DICOM (converted once into --cache); liverhccseg "

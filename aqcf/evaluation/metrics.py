@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
 
-from aqcf.constants import REGIONS, check_label_values, check_modality
+from aqcf.constants import REGIONS, check_label_values, check_name
 from aqcf.errors import AqcfError
 
 __all__ = [
@@ -193,7 +193,7 @@ def summarise(rows: Iterable[Mapping]) -> dict:
     """
     grouped: dict[str, dict[str, list[Mapping]]] = {}
     for row in rows:
-        modality = check_modality(row["modality"])
+        modality = check_name(row["modality"])
         grouped.setdefault(modality, {}).setdefault(str(row["class"]), []).append(row)
 
     per_modality: dict[str, dict] = {}

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from aqcf.constants import check_modality
+from aqcf.constants import check_stream
 from aqcf.errors import AqcfError
 from aqcf.explain.layers import available_layers, check_layer
 from aqcf.explain.scores import normalise_maps
@@ -49,7 +49,7 @@ def feature_layers(network: nn.Module, modality: str) -> dict[str, str]:
         ``ceil(n / 2)`` of ``n`` (``encoders.M.1`` for the paper's four) and the bottleneck.
     """
     names = available_layers(network, modality)
-    m = check_modality(modality)
+    m = check_stream(modality, network)
     stages = [n for n in names if n.startswith(f"encoders.{m}.")]
     middle = (len(stages) + 1) // 2
     bottleneck = next(n for n in names if n.startswith("bottleneck"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from aqcf.constants import check_modality
+from aqcf.constants import check_stream
 from aqcf.errors import AqcfError
 
 __all__ = ["available_layers", "default_layer", "check_layer"]
@@ -32,7 +32,7 @@ def available_layers(network: nn.Module, modality: str) -> list[str]:
         bottleneck is not shared), ``decoders.M.stages.0`` .. ``decoders.M.stages.{n-1}`` (deepest first;
         the last one feeds the head).
     """
-    m = check_modality(modality)
+    m = check_stream(modality, network)
     try:
         stages = len(network.encoders[m])
         decoder_stages = len(network.decoders[m].stages)

@@ -15,7 +15,7 @@ import torch
 from monai.visualize import GradCAM, GradCAMpp, ModelWithHooks
 from torch import Tensor, nn
 
-from aqcf.constants import check_modality
+from aqcf.constants import check_stream
 from aqcf.errors import AqcfError
 from aqcf.explain.layers import check_layer
 from aqcf.explain.scores import PREDICTED, TUMOR_CLASS, ClassScore, normalise_maps
@@ -83,7 +83,7 @@ class TumorSaliency:
         region: str = PREDICTED,
         target_class: int = TUMOR_CLASS,
     ) -> None:
-        self.modality = check_modality(modality)
+        self.modality = check_stream(modality, network)
         self.layer = check_layer(network, self.modality, layer)
         self.target_class = int(target_class)
         self.score = ClassScore(network, self.modality, region, self.target_class)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aqcf.constants import TUMOR, check_modality
+from aqcf.constants import TUMOR, check_stream
 from aqcf.errors import AqcfError
 
 __all__ = ["TUMOR_CLASS", "PREDICTED", "VOLUME", "SCORE_REGIONS", "normalise_maps", "ClassScore"]
@@ -77,7 +77,7 @@ class ClassScore(nn.Module):
         if region not in SCORE_REGIONS:
             raise AqcfError(f"score region {region!r}: expected one of {SCORE_REGIONS}")
         self.network = network
-        self.modality = check_modality(modality)
+        self.modality = check_stream(modality, network)
         self.region = region
         self.region_class = int(region_class)
         self.last_region_voxels = torch.zeros(0, dtype=torch.long)

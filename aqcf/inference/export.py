@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from aqcf.constants import CLASS_NAMES, check_modality
+from aqcf.constants import CLASS_NAMES, check_stream
 from aqcf.errors import AqcfError, first_line
 from aqcf.io import atomic_path, check_output, write_text_atomic
 
@@ -98,7 +98,7 @@ class UnimodalNetwork(nn.Module):
     def __init__(self, network: nn.Module, modality: str) -> None:
         super().__init__()
         self.network = network
-        self.modality = check_modality(modality)
+        self.modality = check_stream(modality, network)
 
     def forward(self, image: Tensor) -> Tensor:
         return self.network.forward_single(image, self.modality)

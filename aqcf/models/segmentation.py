@@ -29,7 +29,7 @@ from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from aqcf.constants import IMAGE, LABEL, MODALITIES, check_name, declare_modalities, region_mask
+from aqcf.constants import IMAGE, LABEL, MODALITIES, check_name, region_mask
 from aqcf.errors import AqcfError
 from aqcf.networks.sliding_window import WindowSettings, argmax_labels, sliding_window_logits
 
@@ -147,8 +147,7 @@ class SegmentationModule(L.LightningModule):
         self.stitch_on_cpu = bool(stitch_on_cpu)
         self.test_output = test_output
         self.test_overlays = int(test_overlays)
-        # further stream names (t2, ...) become valid modalities wherever this model's outputs go
-        self.modalities = declare_modalities(tuple(getattr(network, "modalities", MODALITIES)))
+        self.modalities = tuple(check_name(m) for m in getattr(network, "modalities", MODALITIES))
         self.val_dice = nn.ModuleDict({m: PooledDice() for m in self.modalities})
         self.test_dice = nn.ModuleDict({m: PooledDice() for m in self.modalities})
         #: first validation case per modality as numpy arrays (image, label, prediction), for overlays
@@ -314,13 +313,15 @@ class SegmentationModule(L.LightningModule):
         self._log_dice("test", self.test_dice)
 
     def test_info(self) -> dict:
-        """What produced the test results: the checkpoint and the validation protocol that selected it.
+        """What produced the test results: the checkpoint, the validation protocol that selected it and
+        the sliding window the cases were segmented with (``roi``, ``overlap``, ``mode``).
 
         Stored under ``"source"`` in ``summary.json`` by
         :class:`aqcf.evaluation.test_results.TestResultsWriter`; the checkpoint's own data settings are
         known here (:meth:`on_load_checkpoint`).
         """
-        info = {"checkpoint": self.trainer.ckpt_path}
+        info = {"checkpoint": self.trainer.ckpt_path,
+                "sliding_window": {"roi": list(self.patch_size), "overlap": self.sw_overlap, "mode": self.sw_mode}}
         datamodule = getattr(self.trainer, "datamodule", None)
         # the checkpoint's own data settings when it has them (they selected it), else this run's
         hparams = self._trained_data or dict(getattr(datamodule, "hparams", {}) or {})

@@ -177,8 +177,12 @@ def test_nnunet_errors(tmp_path):
 def test_read_cohort_rejects_unknown_format_and_modality(tmp_path):
     with pytest.raises(AqcfError, match="format 'dicomdir' unknown.*atlas.*lits.*nnunet"):
         read_cohort(tmp_path, "dicomdir", "ct")
+    with pytest.raises(AqcfError, match="'ct-2' is not a name"):
+        read_cohort(tmp_path, "lits", "ct-2")
     with pytest.raises(AqcfError, match="neither 'ct' nor 'mri'"):
-        read_cohort(tmp_path, "lits", "pet")
+        read_cohort(tmp_path, "lits", "pet", ("ct", "mri"))
+    with pytest.raises(AqcfError, match="'pet' is none of ct, mri, t2"):
+        read_cohort(tmp_path, "lits", "pet", ("ct", "mri", "t2"))
 
 
 def test_natural_key():

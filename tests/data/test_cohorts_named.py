@@ -106,6 +106,39 @@ def test_three_queue_batch_holds_one_subject_per_cohort(tiny_phantoms, t2_cohort
     assert modalities == sorted(modalities, key=["ct", "mri", "t2"].index) and set(modalities) == set(prefixes)
 
 
+def test_cohorts_of_different_sizes_cycle_the_shorter_queues(tiny_phantoms, t2_cohort, tmp_path):
+    import shutil
+
+    from lightning.pytorch.utilities import CombinedLoader
+
+    small = tmp_path / "T2"  # four of the six T2 cases
+    shutil.copytree(t2_cohort, small)
+    for path in sorted((small / "labelsTr").glob("*.nii.gz"))[4:]:
+        path.unlink()
+        (small / "imagesTr" / path.name.replace(".nii.gz", "_0000.nii.gz")).unlink()
+    cohorts = _cohorts(tiny_phantoms, small)
+    dm = UnpairedDataModule(cohorts=cohorts, cache_dir=str(tmp_path / "cache"), n_folds=2,
+                            ct_spacing=(2.0, 2.0, 3.0), mri_spacing=(2.0, 2.0, 3.0), **SMALL)
+    dm.prepare_data()
+    dm.setup("fit")
+    n_train = {m: len(dm.train_entries[m]) for m in ("ct", "mri", "t2")}
+    assert n_train["t2"] < n_train["ct"] and n_train["t2"] < n_train["mri"], n_train
+    loader = dm.train_dataloader()
+    assert isinstance(loader, CombinedLoader)
+    served = {m: [] for m in n_train}
+    for batch, _, _ in loader:
+        for m in n_train:  # every step holds every cohort, the short one too
+            assert batch[m]["image"].shape == (2, 1, 32, 32, 16)
+            served[m] += batch[m]["id"]
+    # samples_per_volume 2, batch_pairs 2: one step per training subject of the largest cohort
+    steps = max(n_train.values())
+    assert all(len(ids) == 2 * steps for ids in served.values())
+    for m, ids in served.items():
+        assert set(ids) == {e["id"] for e in dm.train_entries[m]}
+    # the short queue was drawn past its end: an epoch of it holds 2 patches of each subject
+    assert len(served["t2"]) > 2 * n_train["t2"]
+
+
 def test_legacy_pair_fields_equal_cohorts_written_out(tiny_phantoms):
     common = dict(cache_dir=str(tiny_phantoms / "cache"), **SMALL)
     legacy = UnpairedDataModule(str(tiny_phantoms / "LiTS"), str(tiny_phantoms / "ATLAS"),
@@ -135,6 +168,33 @@ def test_legacy_pair_fields_equal_cohorts_written_out(tiny_phantoms):
             assert getattr(legacy, entries)[m] == getattr(named, entries)[m]
         assert batches[0][m]["id"] == batches[1][m]["id"]
         assert torch.equal(batches[0][m]["image"], batches[1][m]["image"])
+
+
+def test_preprocess_verb_builds_the_cache_and_folds_a_named_cohort_reads(t2_cohort, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["preprocess", "--data", str(t2_cohort), "--format", "nnunet", "--modality", "T2",
+                 "--cache", str(cache), "--spacing", "2", "2", "3", "--window", "60", "420", "--no-progress"]) == 0
+    folder = Path(capsys.readouterr().out.split(":")[0])
+    assert folder.parent == cache and folder.name.startswith("t2-nnunet-")
+    written = {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+    folds = json.loads((cache / "t2" / "splits.json").read_text())
+    assert sorted(i for fold in folds for i in fold["val"]) == sorted(p.name[: -len(".nii.gz")]
+                                                                      for p in (t2_cohort / "labelsTr").iterdir())
+
+    dm = _t2_module(t2_cohort, cache)  # the same window and spacing, given in the config
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.manifests["t2"].folder == folder
+    assert [{"train": f["train"], "val": f["val"]} for f in dm.splits["t2"]] == folds  # + its inner split
+    assert {p: p.stat().st_mtime_ns for p in folder.rglob("*")} == written  # reused, nothing rewritten
+
+
+def test_preprocess_verb_refuses_a_modality_that_is_no_name(t2_cohort, tmp_path, capsys):
+    code = main(["preprocess", "--data", str(t2_cohort), "--format", "nnunet", "--modality", "t-2",
+                 "--cache", str(tmp_path), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "modality 't-2' is not a name" in err[0], err
+    assert not any(tmp_path.iterdir())
 
 
 def test_new_cohort_takes_mri_style_defaults(tiny_phantoms, t2_cohort):
