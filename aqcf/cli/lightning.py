@@ -25,6 +25,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import yaml
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -47,6 +48,25 @@ from aqcf.training.checkpoint_io import (
 from aqcf.training.timing import StepTimer
 
 __all__ = ["AqcfCLI", "run_lightning", "ensure_wandb_mode"]
+
+# Settings of a run rather than of the trained weights, under `model.`. LightningCLI applies a
+# --ckpt_path checkpoint's hyper-parameters over the whole model config; these, where the command line or
+# a --config file names them, keep the value given there (`aqcf test --ckpt_path best.ckpt
+# --model.sw_overlap 0.5` tests at 0.5). absent_context changes no parameter (docs/model.md).
+RUN_SETTINGS = (
+    "network.init_args.absent_context",
+    "sw_overlap",
+    "val_overlap",
+    "sw_batch_size",
+    "sw_mode",
+    "stitch_on_cpu",
+    "test_output",
+    "test_overlays",
+    "compile",
+    "compile_mode",
+    "compile_backend",
+    "check_finite",
+)
 
 WANDB_HELP = (
     "W&B: no API key found (WANDB_API_KEY, `wandb login`) and WANDB_MODE is not set: logging offline "
@@ -148,9 +168,12 @@ class AqcfCLI(LightningCLI):
         ckpt = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt and Path(ckpt).is_file():
             check_checkpoint(ckpt)
+        # and applies them over the model config: keep the run settings the user gave
+        self._run_settings = _given_run_settings(self.config[subcommand], args) if ckpt else {}
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        _apply_run_settings(config.model, getattr(self, "_run_settings", {}))
         run_name = config.run_name or _config_stem(config) or "aqcf"
         config.run_name = run_name
         if config.trainer.default_root_dir is None:
@@ -278,6 +301,47 @@ def _check_results(subcommand: str | None, config, ckpt: str | None) -> None:
         folder = writer.get("output_dir") or root / PREDICTIONS_DIR
         check_output(folder, inputs=[ckpt], overwrite=overwrite, kind="folder",
                      names=(f"*{suffix}.nii.gz", f"*{suffix}.json"), flag="--overwrite true")
+
+
+def _given_run_settings(config, args) -> dict:
+    """The :data:`RUN_SETTINGS` named on the command line (``--model.KEY``) or in a ``--config`` file's
+    ``model:`` section, with the values parsed from them."""
+    argv = sys.argv[1:] if args is None else [str(a) for a in args]
+    named = {a.split("=", 1)[0].removeprefix("--model.") for a in argv if a.startswith("--model.")}
+    for path in config.get("config") or []:
+        if path is None:
+            continue
+        try:
+            section = (yaml.safe_load(Path(str(path)).read_text()) or {}).get("model")
+        except (OSError, yaml.YAMLError, AttributeError):  # parsed already: only a vanished file lands here
+            continue
+        named.update(_dotted_keys(section))
+    given = {key: config.model[key] for key in RUN_SETTINGS if key in named and key in config.model}
+    if any(key.startswith("network.") for key in given):
+        given["network.class_path"] = config.model.network.class_path
+    return given
+
+
+def _apply_run_settings(model_config, given: dict) -> None:
+    """Put the run settings :func:`_given_run_settings` found back over a checkpoint's; the network's
+    only onto a network of the same class (another class has other arguments)."""
+    same_network = model_config.get("network") is not None and (
+        model_config.network.get("class_path") == given.get("network.class_path"))
+    for key, value in given.items():
+        if key.startswith("network.") and (key == "network.class_path" or not same_network):
+            continue
+        model_config[key] = value
+
+
+def _dotted_keys(section, prefix: str = "") -> set[str]:
+    """``{"a": {"b": 1}, "c": 2}`` -> ``{"a", "a.b", "c"}``."""
+    if not isinstance(section, dict):
+        return set()
+    keys = set()
+    for key, value in section.items():
+        keys.add(prefix + str(key))
+        keys |= _dotted_keys(value, f"{prefix}{key}.")
+    return keys
 
 
 def _first_process() -> bool:

@@ -115,6 +115,49 @@ def test_test_writes_per_case_metrics(tiny_phantoms, tiny_run):
     assert set(summary["per_modality"]["ct"]) == {"liver", "tumor"}
 
 
+def test_run_settings_given_beside_a_checkpoint_win_over_the_checkpoints(tiny_phantoms, tiny_run, tmp_path,
+                                                                         monkeypatch):
+    from aqcf.cli.lightning import AqcfCLI
+
+    best = tiny_run / "checkpoints" / "best.ckpt"
+    saved = torch.load(best, map_location="cpu", weights_only=False)["hyper_parameters"]
+    assert saved["sw_overlap"] == 0.25 and saved["network"]["init_args"]["absent_context"] == "zero-filled"
+    built = []
+    instantiate = AqcfCLI.instantiate_classes
+
+    def keep_model(cli):
+        instantiate(cli)
+        built.append(cli.model)
+
+    monkeypatch.setattr(AqcfCLI, "instantiate_classes", keep_model)
+
+    # on the command line
+    out = tmp_path / "cli"
+    assert main(["test", *tiny_fit_args(tiny_phantoms, tiny_run, "--ckpt_path", str(best),
+                                        "--model.test_output", str(out), "--model.sw_overlap", "0.5",
+                                        "--model.network.init_args.absent_context", "off")]) == 0
+    assert json.loads((out / "summary.json").read_text())["source"]["sliding_window"]["overlap"] == 0.5
+    assert built[-1].network.absent_context == "off" and built[-1].sw_overlap == 0.5
+    assert not (tiny_run / "test" / "cli").exists()
+
+    # in a --config layer
+    out = tmp_path / "layer"
+    layer = tmp_path / "layer.yaml"
+    layer.write_text(f"model:\n  sw_overlap: 0.6\n  test_output: {out}\n")
+    assert main(["test", *tiny_fit_args(tiny_phantoms, tiny_run, "--ckpt_path", str(best)),
+                 "--config", str(layer)]) == 0
+    assert json.loads((out / "summary.json").read_text())["source"]["sliding_window"]["overlap"] == 0.6
+    assert built[-1].network.absent_context == "zero-filled"
+
+    # what the trained weights need still comes from the checkpoint, whatever the command line says
+    widths = list(saved["network"]["init_args"]["widths"])
+    out = tmp_path / "widths"
+    assert main(["test", *tiny_fit_args(tiny_phantoms, tiny_run, "--ckpt_path", str(best),
+                                        "--model.test_output", str(out),
+                                        "--model.network.init_args.widths", str([2 * w for w in widths]))]) == 0
+    assert list(built[-1].network.widths) == widths
+
+
 def _subprocess_env(**extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
