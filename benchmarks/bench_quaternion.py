@@ -19,8 +19,9 @@ round is not repeated; its row says so.
 
 The full table takes about 9 minutes on the 2-core development CPU. A whole training step at the
 paper's widths on 256×256×16 patches, every quaternion layer forced dense against ``auto``, is a
-separate command (``--train-step``): one step each in a fresh process, 3-6 minutes a step there, so
-it stays out of ``run`` and ``benchmarks/run.py``.
+separate command (``--train-step``): fresh processes in the order dense, auto, auto, dense, three
+steps each (1.5 minutes a step there, about 30 minutes in all), so it stays out of ``run`` and
+``benchmarks/run.py``.
 
 Usage: ``python benchmarks/bench_quaternion.py [--quick | --train-step]`` prints the rows as JSON lines.
 """
@@ -274,7 +275,8 @@ def train_step_rows(widths: tuple[int, ...] = PAPER_WIDTHS, rounds: int = 1, ste
         print(f"[quaternion] train steps {product}: {each_step} s", file=sys.stderr, flush=True)
     case = f"train step widths {'-'.join(map(str, widths))}, CT+MRI {'x'.join(map(str, PATCH))}, CPU"
     each = ", ".join(f"{name} " + " / ".join(f"{t:.1f}" for t in times) + " s" for name, times in timed.items())
-    note = f"median of steps 2-{steps} in a fresh process, mean of {rounds} process(es) per product, "
+    timed_steps = f"median of steps 2-{steps}" if steps > 1 else "its one step"
+    note = f"{timed_steps} in a fresh process, mean of {rounds} process(es) per product, "
     note += f"order {'-'.join(order)}, {threads} torch threads; per process: {each}"
     dense, auto = statistics.mean(timed["dense"]), statistics.mean(timed["auto"])
     rows = [
