@@ -146,7 +146,8 @@ def save_nifti_atomic(image, path: str | os.PathLike) -> Path:
     """Save a nibabel image to ``path`` (``.nii`` or ``.nii.gz``) atomically; returns the path."""
     import nibabel as nib
 
-    suffix = ".nii.gz" if str(path).endswith(".gz") else ".nii"
+    # the temporary name tells nibabel whether to compress (it reads .gz in any case, as here)
+    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
     with atomic_path(path, suffix=suffix) as tmp:
         nib.save(image, os.fspath(tmp))
     return Path(path)

@@ -32,8 +32,10 @@ def test_permissions_follow_umask_not_mkstemp(tmp_path):
     assert path.read_text() == '{\n  "x": 1\n}\n'
 
 
-def test_nifti_keeps_compression_suffix(tmp_path):
+@pytest.mark.parametrize("name, gzipped", [("mask.nii.gz", True), ("MASK.NII.GZ", True), ("mask.nii", False),
+                                           ("MASK.NII", False)])
+def test_nifti_keeps_compression_suffix(tmp_path, name, gzipped):
     image = nib.Nifti1Image(np.arange(24, dtype=np.uint8).reshape(2, 3, 4), np.diag([2.0, 2.0, 3.0, 1.0]))
-    path = save_nifti_atomic(image, tmp_path / "mask.nii.gz")
-    assert path.read_bytes()[:2] == b"\x1f\x8b"  # gzip magic: nibabel saw the .nii.gz name
+    path = save_nifti_atomic(image, tmp_path / name)
+    assert path.name == name and (path.read_bytes()[:2] == b"\x1f\x8b") == gzipped  # gzip magic, as named
     np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), np.arange(24).reshape(2, 3, 4))
