@@ -378,12 +378,26 @@ def run_lightning(argv: list[str]) -> int:
     """Entry for ``aqcf fit|validate|test|predict ...``."""
     # called in-process (aqcf demo, tests) argv differs from sys.argv by design
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-    AqcfCLI(
-        SegmentationModule,
-        UnpairedDataModule,
-        # from the console script argv is sys.argv[1:]: let LightningCLI read it there (no warning)
-        args=None if argv == sys.argv[1:] else argv,
-        save_config_kwargs={"overwrite": True},
-        auto_configure_optimizers=False,
-    )
+    try:
+        AqcfCLI(
+            SegmentationModule,
+            UnpairedDataModule,
+            # from the console script argv is sys.argv[1:]: let LightningCLI read it there (no warning)
+            args=None if argv == sys.argv[1:] else argv,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    except BaseException:
+        _finish_wandb(exit_code=1)
+        raise
+    _finish_wandb(exit_code=0)
     return 0
+
+
+def _finish_wandb(exit_code: int) -> None:
+    """Close this verb's W&B run (failed where ``exit_code`` is not 0): a later verb in the same process
+    (``aqcf demo``'s test after its fit, a notebook, a loop over folds) starts its own run instead of
+    logging into this one."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=exit_code)

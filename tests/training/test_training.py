@@ -179,6 +179,23 @@ def test_wandb_without_key_goes_offline_and_logs(tiny_phantoms, tmp_path):
     assert b"val/dice_mean" in blob and b"train/loss_epoch" in blob
 
 
+def test_each_verb_in_one_process_logs_its_own_wandb_run(tiny_phantoms, tmp_path, monkeypatch):
+    """A fit, then another fit of another fold in the same process (aqcf demo, a notebook, a fold loop)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))  # W&B's own settings files, out of the user's home
+    roots = [tmp_path / "fold0", tmp_path / "fold1"]
+    for fold, root in enumerate(roots):
+        assert main(["fit", *tiny_fit_args(tiny_phantoms, root, "--data.fold", str(fold))]) == 0
+        assert wandb.run is None  # closed when the verb returned
+    runs = [sorted(root.glob("wandb/offline-run-*/run-*.wandb")) for root in roots]
+    assert [len(r) for r in runs] == [1, 1], runs
+    assert runs[0][0].name != runs[1][0].name  # two runs, not the first one reused
+    for found in runs:
+        assert b"val/dice_mean" in found[0].read_bytes()
+
+
 def run_on_cpus(verb: str, phantoms: Path, ckpt: Path, root: Path, devices: int, *extra: str) -> None:
     """``aqcf <verb>`` of ``ckpt`` into ``root`` in a subprocess of ``devices`` CPU processes (DDP over gloo)."""
     args = tiny_fit_args(
