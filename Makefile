@@ -32,7 +32,7 @@ test-full: venv  ## run every test, the slow ones too
 lint: venv  ## ruff
 	$(VENV)/bin/ruff check aqcf tests benchmarks
 
-demo: venv  ## phantoms -> train configs/demo.yaml -> held-out test -> demo_out/report.md (about 12 min on 2 CPU cores)
+demo: venv  ## phantoms -> train configs/demo.yaml -> held-out test -> demo_out/report.md (768 steps: 12-18 min on 2 CPU cores)
 	$(AQCF) demo --out demo_out
 
 cv: venv  ## cross-validation of CONFIG on FOLDS, then the mean +- SD table -> RUNS/<config>/report/
