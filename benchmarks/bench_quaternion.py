@@ -58,6 +58,9 @@ PROBE_SHAPES = (
     ("conv", 40, 40, 3, 1, (64, 64, 4)),
     ("conv", 56, 56, 3, 1, (64, 64, 4)),
     ("conv", 64, 64, 3, 1, (64, 64, 4)),
+    ("conv", 64, 64, 1, 1, (64, 64, 4)),
+    ("conv", 128, 128, 1, 1, (32, 32, 2)),
+    ("transposed", 16, 16, 2, 2, (64, 64, 4)),
     ("transposed", 64, 32, 2, 2, (32, 32, 2)),
     ("transposed", 128, 64, 2, 2, (32, 32, 2)),
 )
@@ -95,6 +98,11 @@ class LayerShape(NamedTuple):
         while x * y * z > MAX_VOXELS and max(x, y) > 1:
             x, y = (x // 2, y) if x >= y else (x, y // 2)
         return x, y, z
+
+    @property
+    def pointwise(self) -> bool:
+        """A 1×1×1 convolution at stride 1 or a transposed one with kernel = stride (as the layers built here)."""
+        return self.kernel == self.stride if self.kind == "transposed" else self.kernel == self.stride == 1
 
     @property
     def crop_factor(self) -> float:
@@ -183,7 +191,9 @@ def _as_rows(case: str, rows: list[tuple]) -> list[dict]:
 def _rows_for(shape: LayerShape, count: int, measured: dict[str, dict]) -> list[dict]:
     from aqcf.nn.quaternion import AUTO, resolve_product
 
-    auto = resolve_product(AUTO, shape.q_in, shape.q_out, shape.kernel, "cpu", shape.kind == "transposed")
+    auto = resolve_product(
+        AUTO, shape.q_in, shape.q_out, shape.kernel, "cpu", shape.kind == "transposed", shape.pointwise
+    )
     ms = {name: 1e3 * m["s"] for name, m in measured.items()}
     reference = "nn.Conv3d" if shape.kind == "conv" else "nn.ConvTranspose3d"
     case = f"{shape.label()} (x{count} per joint forward)" if count else f"{shape.label()} (probe, not in the network)"
@@ -210,7 +220,9 @@ def _summary_rows(results: list[tuple[LayerShape, int, dict[str, dict]]], case: 
     for shape, count, measured in results:
         if not count:
             continue
-        auto = resolve_product(AUTO, shape.q_in, shape.q_out, shape.kernel, "cpu", shape.kind == "transposed")
+        auto = resolve_product(
+        AUTO, shape.q_in, shape.q_out, shape.kernel, "cpu", shape.kind == "transposed", shape.pointwise
+    )
         weight = count * shape.crop_factor
         total["real"] += weight * measured["real"]["s"]
         total["dense"] += weight * measured["dense"]["s"]

@@ -43,6 +43,12 @@ and ``2`` are powers of two, so folding them into the kernels is exact. Expandin
 ``P0 - P1 + P2 - P3 = Wi xr + Wr xi - Wk xj - Wj xk`` and ``P5 = 2 Wj xk`` give the eq. 2 row
 ``Wi xr + Wr xi - Wk xj + Wj xk``.
 
+A *pointwise* layer (a 1×1×1 convolution at stride 1 without padding, or a transposed convolution
+whose kernel equals its stride, without padding) is a matrix product per voxel; there the 8 products
+are one batched matrix product (``torch.matmul`` of ``(8, C_out, C_in)`` by ``(B, 8, C_in, voxels)``)
+instead of the grouped convolution, which oneDNN runs several times slower for these shapes, and a
+transposed layer then places each input voxel's ``kernel``-sized block of the output itself.
+
 On a CPU the grouped convolution is slow at narrow widths and at widths that are no multiple of 16,
 so ``product="auto"`` (the default) takes the fast path only where it was measured to win; see
 :func:`resolve_product`.
@@ -91,19 +97,22 @@ FAST = "fast"
 PRODUCTS = (AUTO, DENSE, FAST)
 # 8 real convolutions of the fast path, one group each
 _FAST_GROUPS = 8
-# "auto" on a CPU takes the fast path for kernels of more than one voxel when both quaternion widths
-# are multiples of FAST_CHANNEL_MULTIPLE_CPU and at least FAST_MIN_CHANNELS_CPU[kind]. Measured with
-# `python benchmarks/run.py --only quaternion` (forward + backward; ratios fast / dense quaternion
-# path over 2-4 runs) on the 2-core development CPU (Xeon, AVX-512, shared with other jobs), torch 2.13:
-# 3x3x3 convs win from 32 channels (32->32: 0.62-0.76, 48->48: 0.51-0.65, 96->96: 0.41-0.55,
-# 192->192: 0.36-0.40) but lose at widths that are no multiple of 16, whatever their size (24->24:
-# 6.3-7.1, 36->36: 1.8, 40->40: 1.15-1.4, 56->56: 0.97-1.2; most likely oneDNN's fast grouped kernels
-# want per-group channels in multiples of 16 floats, one AVX-512 register), and 16->16 gains little
-# (0.89-0.99). Transposed 2x2x2 convs win clearly only from 96 channels (256->96: 0.44-0.55; 128->64:
-# 0.63-0.86; 96->48: 0.55-1.13; 64->32: 1.1-2.0). 1x1x1 convs lose or tie (48->48: 1.7-2.1, 96->96:
-# 1.1-1.25, 192->192: 0.4-1.1).
+# "auto" on a CPU takes the fast path where both quaternion widths are at least
+# FAST_MIN_CHANNELS_CPU[kind] and, for the grouped convolution ("conv", "transposed"), multiples of
+# FAST_CHANNEL_MULTIPLE_CPU. Measured with `python benchmarks/run.py --only quaternion` and probes
+# (forward + backward; ratios fast / dense quaternion path) on the 2-core development CPU (Xeon,
+# AVX-512), torch 2.13. Grouped convolution: 3x3x3 convs win from 32 channels (32->32: 0.62-0.76,
+# 48->48: 0.51-0.65, 96->96: 0.41-0.55, 192->192: 0.36-0.40) but lose at widths that are no multiple
+# of 16, whatever their size (24->24: 6.3-7.1, 36->36: 1.8, 40->40: 1.15-1.4, 56->56: 0.97-1.2; most
+# likely oneDNN's fast grouped kernels want per-group channels in multiples of 16 floats, one AVX-512
+# register), and 16->16 gains little (0.89-0.99); grouped transposed 2x2x2 convs won clearly only from
+# 96 channels. Pointwise layers (a matrix product, module docstring): 1x1x1 convs win from 96
+# channels (96->96: 0.62-0.69, 128->128: 0.55, 192->192: 0.52-0.61) and lose or tie below, not
+# monotonically (48->48: 0.85, 64->64: 1.31-1.40, 24->24: 1.36); transposed 2x2x2 convs at stride 2
+# win from 24 channels whether or not they are multiples of 16 (48->24: 0.76-0.81, 32->32: 0.77,
+# 96->48: 0.58, 256->96: 0.21) and tie below (24->12: 0.94, 16->16: 1.03).
 FAST_CHANNEL_MULTIPLE_CPU = 16
-FAST_MIN_CHANNELS_CPU = {"conv": 32, "transposed": 96}
+FAST_MIN_CHANNELS_CPU = {"conv": 32, "transposed": 96, "pointwise": 96, "transposed pointwise": 24}
 
 
 def check_quaternion_channels(channels: int, name: str = "channels") -> int:
@@ -223,23 +232,31 @@ def resolve_product(
     kernel_size: int | Sequence[int],
     device: torch.device | str,
     transposed: bool = False,
+    pointwise: bool = False,
 ) -> str:
     """The path a quaternion layer of ``q_in -> q_out`` quaternion channels takes on ``device``.
 
     ``"dense"`` and ``"fast"`` are returned as they are. ``"auto"`` gives ``"fast"`` on a CPU where it
-    was measured to win: a kernel of more than one voxel, ``q_in`` and ``q_out`` multiples of
-    ``FAST_CHANNEL_MULTIPLE_CPU`` and ``min(q_in, q_out) >= FAST_MIN_CHANNELS_CPU["conv"]`` (or
-    ``["transposed"]``). On every other device it gives ``"dense"``: on a GPU the two paths have not
-    been measured, so the single ungrouped convolution is kept unless a user forces ``"fast"``.
+    was measured to win: ``min(q_in, q_out)`` at least ``FAST_MIN_CHANNELS_CPU[kind]``. The kind is
+    ``"pointwise"`` or ``"transposed pointwise"`` for a ``pointwise`` layer (one matrix product per
+    voxel, module docstring), otherwise ``"conv"`` (a kernel of more than one voxel) or
+    ``"transposed"``, run as a grouped convolution, which also needs both widths to be multiples of
+    ``FAST_CHANNEL_MULTIPLE_CPU``. A one-voxel kernel that is not pointwise (strided or padded) stays
+    dense. On every other device it gives ``"dense"``: on a GPU the two paths have not been measured,
+    so the single ungrouped convolution is kept unless a user forces ``"fast"``.
     """
     product = check_product(product)
     if product != AUTO:
         return product
-    if torch.device(device).type != "cpu" or math.prod(_triple(kernel_size)) == 1:
+    one_voxel = math.prod(_triple(kernel_size)) == 1
+    if torch.device(device).type != "cpu" or (one_voxel and not pointwise):
         return DENSE
-    blocked = q_in % FAST_CHANNEL_MULTIPLE_CPU == 0 and q_out % FAST_CHANNEL_MULTIPLE_CPU == 0
-    wide = min(q_in, q_out) >= FAST_MIN_CHANNELS_CPU["transposed" if transposed else "conv"]
-    return FAST if blocked and wide else DENSE
+    if pointwise:
+        kind, blocked = ("transposed pointwise" if transposed else "pointwise"), True
+    else:
+        kind = "transposed" if transposed else "conv"
+        blocked = q_in % FAST_CHANNEL_MULTIPLE_CPU == 0 and q_out % FAST_CHANNEL_MULTIPLE_CPU == 0
+    return FAST if blocked and min(q_in, q_out) >= FAST_MIN_CHANNELS_CPU[kind] else DENSE
 
 
 def set_quaternion_product(module: nn.Module, product: str) -> nn.Module:
@@ -328,6 +345,26 @@ def _fast_outputs(products: Tensor) -> Tensor:
     return _mix_blocks(_FAST_OUTPUT_MATRIX, products, dim=1)
 
 
+def _pointwise_products(weight: Tensor, inputs: Tensor) -> Tensor:
+    """The 8 products of a pointwise layer as one batched matrix product.
+
+    Args:
+        weight: ``(8, rows, C_in)``: per product, the ``rows`` values it gives each input voxel.
+        inputs: the 8 inputs, ``(B, 8 C_in, *grid)``.
+
+    Returns:
+        ``(B, 8 rows, voxels)``, ``P0..P7`` as blocks along dim 1.
+    """
+    batch, groups, c_in = inputs.shape[0], weight.shape[0], weight.shape[2]
+    products = torch.matmul(weight, inputs.reshape(batch, groups, c_in, -1))
+    return products.reshape(batch, -1, products.shape[-1])
+
+
+def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
+    # the bias rides on P4..P7, each of which enters one output component with factor 1
+    return y if bias is None else y + bias.view(1, -1, *(1,) * (y.dim() - 2))
+
+
 class _QuaternionConvBase(nn.Module):
     """Four sub-kernels ``r, i, j, k`` of shape ``(dim0, dim1, *kernel)`` and a real bias.
 
@@ -376,12 +413,17 @@ class _QuaternionConvBase(nn.Module):
         # device type -> "dense" or "fast", decided once per device
         self._resolved: dict[str, str] = {}
 
+    @property
+    def pointwise(self) -> bool:
+        """Whether each input voxel meets the kernel at one place only (module docstring): a matrix product."""
+        return False
+
     def resolved_product(self, device: torch.device | str) -> str:
         """The path :meth:`forward` takes on ``device``: ``"dense"`` or ``"fast"`` (see :func:`resolve_product`)."""
         device_type = torch.device(device).type
         if device_type not in self._resolved:
             self._resolved[device_type] = resolve_product(
-                self._product, self.q_in, self.q_out, self.kernel_size, device_type, self.transposed
+                self._product, self.q_in, self.q_out, self.kernel_size, device_type, self.transposed, self.pointwise
             )
         return self._resolved[device_type]
 
@@ -466,9 +508,18 @@ class QuaternionConv3d(_QuaternionConvBase):
             dim=0,
         )
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1×1×1 kernel at stride 1 without padding."""
+        return self.kernel_size == (1, 1, 1) and self.stride == (1, 1, 1) and self.padding == (0, 0, 0)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.resolved_product(x.device) == DENSE:
             return F.conv3d(x, self.real_weight(), self.bias, self.stride, self.padding, self.dilation)
+        if self.pointwise:
+            weight = self.fast_weight().reshape(_FAST_GROUPS, self.q_out, self.q_in)
+            products = _pointwise_products(weight, _fast_inputs(x)).reshape(x.shape[0], -1, *x.shape[2:])
+            return _add_bias(_fast_outputs(products), self.bias)
         weight, bias = self.fast_weight(), self.fast_bias()
         products = F.conv3d(_fast_inputs(x), weight, bias, self.stride, self.padding, self.dilation, _FAST_GROUPS)
         return _fast_outputs(products)
@@ -540,11 +591,29 @@ class QuaternionConvTranspose3d(_QuaternionConvBase):
             dim=0,
         )
 
+    @property
+    def pointwise(self) -> bool:
+        """A kernel equal to the stride, without padding, output padding or dilation: the blocks tile the output."""
+        none = (0, 0, 0)
+        plain = self.padding == none and self.output_padding == none and self.dilation == (1, 1, 1)
+        return plain and self.kernel_size == self.stride
+
+    def _pointwise_forward(self, x: Tensor) -> Tensor:
+        batch, (gx, gy, gz), (kx, ky, kz) = x.shape[0], x.shape[2:], self.kernel_size
+        # (8 q_in, q_out, *kernel) -> (8, q_out kx ky kz, q_in): each input voxel's output block per product
+        weight = self.fast_weight().reshape(_FAST_GROUPS, self.q_in, -1).transpose(1, 2)
+        # mixed before the blocks are placed: half the data to move
+        y = _fast_outputs(_pointwise_products(weight, _fast_inputs(x)))
+        y = y.reshape(batch, self.out_channels, kx, ky, kz, gx, gy, gz).permute(0, 1, 5, 2, 6, 3, 7, 4)
+        return _add_bias(y.reshape(batch, self.out_channels, gx * kx, gy * ky, gz * kz), self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.resolved_product(x.device) == DENSE:
             return F.conv_transpose3d(
                 x, self.real_weight(), self.bias, self.stride, self.padding, self.output_padding, 1, self.dilation
             )
+        if self.pointwise:
+            return self._pointwise_forward(x)
         # the grouped weight is (8 q_in, q_out, ...): each group's (in, out) block is a plain sub-kernel
         # combination, so no transposition is involved and the product stays W ⊗ x
         products = F.conv_transpose3d(

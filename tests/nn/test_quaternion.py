@@ -239,10 +239,24 @@ def test_fast_conv_and_its_gradients_follow_the_unit_table(dtype, size, stride):
 
 LAYER_CASES = {
     "conv k1": (QuaternionConv3d, {"kernel_size": 1}, (2, 3, 5, 7)),
+    "conv k1 stride 2": (QuaternionConv3d, {"kernel_size": 1, "stride": 2}, (1, 5, 4, 3)),
+    "conv k1 padding 1": (QuaternionConv3d, {"kernel_size": 1, "padding": 1}, (1, 3, 2, 4)),
     "conv k3": (QuaternionConv3d, {"kernel_size": 3}, (2, 5, 3, 6)),
     "conv k3 stride 2": (QuaternionConv3d, {"kernel_size": 3, "stride": 2}, (1, 7, 5, 4)),
     "conv k3 dilation 2": (QuaternionConv3d, {"kernel_size": 3, "dilation": 2}, (1, 7, 5, 6)),
     "transposed k2 stride 2": (QuaternionConvTranspose3d, {"kernel_size": 2, "stride": 2}, (2, 3, 5, 2)),
+    "transposed k221 stride 221": (
+        QuaternionConvTranspose3d,
+        {"kernel_size": (2, 2, 1), "stride": (2, 2, 1)},
+        (2, 3, 1, 4),
+    ),
+    "transposed k3 stride 3": (QuaternionConvTranspose3d, {"kernel_size": 3, "stride": 3}, (1, 2, 3, 2)),
+    "transposed k1 stride 1": (QuaternionConvTranspose3d, {"kernel_size": 1}, (2, 3, 4, 2)),
+    "transposed k2 stride 2 output padding 1": (
+        QuaternionConvTranspose3d,
+        {"kernel_size": 2, "stride": 2, "output_padding": 1},
+        (1, 3, 2, 2),
+    ),
     "transposed k3 stride 2": (
         QuaternionConvTranspose3d,
         {"kernel_size": 3, "stride": 2, "padding": 1, "output_padding": 1},
@@ -304,9 +318,9 @@ def test_product_changes_neither_parameters_nor_initialisation(cls):
         (32, 16, 3, False, "dense"),  # both widths must reach it
         (24, 48, 3, False, "dense"),  # 24 is no multiple of 16
         (56, 56, 3, False, "dense"),
-        (192, 192, 1, False, "dense"),  # a 1x1x1 grouped convolution loses
+        (192, 192, 1, False, "dense"),  # a 1x1x1 grouped convolution (strided or padded) loses
         (256, 96, 2, True, "fast"),
-        (96, 48, 2, True, "dense"),  # transposed convolutions need wider layers
+        (96, 48, 2, True, "dense"),  # grouped transposed convolutions need wider layers
     ],
 )
 def test_auto_follows_the_measured_rule_on_cpu(q_in, q_out, kernel, transposed, expected):
@@ -316,6 +330,44 @@ def test_auto_follows_the_measured_rule_on_cpu(q_in, q_out, kernel, transposed, 
     assert resolve_product("auto", q_in, q_out, kernel, "cuda", transposed) == "dense"
     assert resolve_product("fast", q_in, q_out, kernel, "cuda", transposed) == "fast"
     assert resolve_product("dense", q_in, q_out, kernel, "cpu", transposed) == "dense"
+
+
+@pytest.mark.parametrize(
+    ("q_in", "q_out", "kernel", "transposed", "expected"),
+    [
+        (96, 96, 1, False, "fast"),
+        (192, 192, 1, False, "fast"),
+        (96, 48, 1, False, "dense"),  # both widths must reach 96
+        (64, 64, 1, False, "dense"),
+        (48, 24, 2, True, "fast"),  # a matrix product: no multiple of 16 needed
+        (96, 48, 2, True, "fast"),
+        (24, 12, 2, True, "dense"),
+        (16, 16, 2, True, "dense"),
+    ],
+)
+def test_auto_rule_for_pointwise_layers_on_cpu(q_in, q_out, kernel, transposed, expected):
+    assert resolve_product("auto", q_in, q_out, kernel, "cpu", transposed, pointwise=True) == expected
+    assert resolve_product("auto", q_in, q_out, kernel, "cuda", transposed, pointwise=True) == "dense"
+
+
+@pytest.mark.parametrize(
+    ("layer", "pointwise"),
+    [
+        (QuaternionConv3d(8, 8, 1), True),
+        (QuaternionConv3d(8, 8, 1, stride=2), False),
+        (QuaternionConv3d(8, 8, 1, padding=1), False),
+        (QuaternionConv3d(8, 8, 3), False),
+        (QuaternionConvTranspose3d(8, 8, 2, stride=2), True),
+        (QuaternionConvTranspose3d(8, 8, (2, 2, 1), stride=(2, 2, 1)), True),
+        (QuaternionConvTranspose3d(8, 8, 1), True),
+        (QuaternionConvTranspose3d(8, 8, 2, stride=1), False),  # neighbouring blocks overlap
+        (QuaternionConvTranspose3d(8, 8, 2, stride=2, output_padding=1), False),
+        (QuaternionConvTranspose3d(8, 8, 2, stride=2, padding=1), False),
+        (QuaternionConvTranspose3d(8, 8, 2, stride=2, dilation=2), False),
+    ],
+)
+def test_pointwise_layers_are_the_ones_each_input_voxel_meets_once(layer, pointwise):
+    assert layer.pointwise is pointwise
 
 
 @pytest.fixture
@@ -344,9 +396,21 @@ def test_auto_runs_one_grouped_convolution_only_for_wide_layers_on_cpu(conv_grou
     run(QuaternionConv3d(4 * 32, 4 * 48, 3, bias=False))
     run(QuaternionConv3d(4 * 24, 4 * 48, 3, bias=False))
     run(QuaternionConv3d(4 * 32, 4 * 32, 1, bias=False))
-    run(QuaternionConvTranspose3d(4 * 96, 4 * 96, 2, stride=2, bias=False))
-    run(QuaternionConvTranspose3d(4 * 32, 4 * 32, 2, stride=2, bias=False))
+    run(QuaternionConvTranspose3d(4 * 96, 4 * 96, 3, stride=2, bias=False))
+    run(QuaternionConvTranspose3d(4 * 32, 4 * 32, 3, stride=2, bias=False))
     assert conv_groups == [8, 1, 1, 8, 1]
+
+
+def test_fast_pointwise_layers_run_no_convolution(conv_groups):
+    """Their 8 products are one batched matrix product; a strided 1x1x1 layer keeps the grouped convolution."""
+    for layer in (
+        QuaternionConv3d(4 * 96, 4 * 96, 1, product="fast"),
+        QuaternionConvTranspose3d(4 * 48, 4 * 24, 2, stride=2, product="auto"),
+    ):
+        layer(torch.randn(1, layer.in_channels, 2, 2, 2))
+    assert conv_groups == []
+    QuaternionConv3d(8, 8, 1, stride=2, product="fast")(torch.randn(1, 8, 2, 2, 2))
+    assert conv_groups == [8]
 
 
 def test_forcing_overrides_auto_and_resets_the_cached_choice(conv_groups):
