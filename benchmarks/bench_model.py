@@ -5,7 +5,11 @@ resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``: the process hi
 imports and weights included) belongs to that case alone. A step is the paper's Algorithm 2 on one
 CT and one MRI patch of 256×256×16: forward, MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)``
 per stream summed, backward, AdamW step. With CUDA the step runs on the GPU under bf16 autocast (the
-paper config's ``precision: bf16-mixed``) and the case also reports ``torch.cuda.max_memory_allocated``.
+paper config's ``precision: bf16-mixed``) and the case also reports ``torch.cuda.max_memory_allocated``;
+the paper-width step then runs a second time with every quaternion layer forced to the 8-multiplication
+product (``quaternion_product="fast"``; ``auto`` is the dense product on a GPU), and the ratio of the
+two is the whole-step measurement a CUDA rule for ``auto`` needs. On a CPU that comparison is
+``benchmarks/bench_quaternion.py --train-step``.
 """
 
 from __future__ import annotations
@@ -34,14 +38,14 @@ CONV_REPEATS = 7
 KIB_PER_MIB = 1024
 
 
-def _train_steps(widths: tuple[int, ...], steps: int) -> dict:
+def _train_steps(widths: tuple[int, ...], steps: int, product: str = "auto") -> dict:
     from monai.losses import DiceCELoss
 
     from aqcf.networks.aqcfnet import AQCFNet, count_parameters
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    net = AQCFNet(num_classes=NUM_CLASSES, widths=widths).to(device)
+    net = AQCFNet(num_classes=NUM_CLASSES, widths=widths, quaternion_product=product).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     ct, mri = torch.rand(1, 1, *PATCH, device=device), torch.rand(1, 1, *PATCH, device=device)
@@ -74,15 +78,18 @@ def _train_steps(widths: tuple[int, ...], steps: int) -> dict:
     }
 
 
-def _run_case(widths: tuple[int, ...], steps: int) -> dict:
+def _run_case(widths: tuple[int, ...], steps: int, product: str = "auto") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--case", *map(str, widths), "--steps", str(steps)]
+    cmd += ["--product", product]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _train_rows(name: str, widths: tuple[int, ...], steps: int) -> list[dict]:
-    r = _run_case(widths, steps)
+def _train_rows(name: str, widths: tuple[int, ...], steps: int, product: str = "auto") -> list[dict]:
+    r = _run_case(widths, steps, product)
     case = f"train step {name} widths {'-'.join(map(str, widths))}, CT+MRI {'x'.join(map(str, PATCH))}"
+    if product != "auto":
+        case += f", quaternion product {product}"
     note = "CUDA, bf16 autocast" if r["device"] == "cuda" else f"{r['threads']} torch threads"
     return [
         {
@@ -164,12 +171,24 @@ def run(quick: bool = False) -> list[dict]:
     rows = _train_rows("tiny", TINY_WIDTHS, steps=2 if quick else 4)
     if not quick:
         rows += _train_rows("paper", PAPER_WIDTHS, steps=10 if torch.cuda.is_available() else 2)
+    if not quick and torch.cuda.is_available():
+        rows += _train_rows("paper", PAPER_WIDTHS, steps=10, product="fast")
+        rows.append(_fast_over_auto(rows))
     return rows + _conv_rows()
+
+
+def _fast_over_auto(rows: list[dict]) -> dict:
+    """The paper-width step with every quaternion layer fast over the same step with ``auto``."""
+    steps = [r for r in rows if r["metric"] == "step (median of warm steps)" and " paper " in r["case"]]
+    auto, fast = steps[0]["value"], steps[1]["value"]
+    return {"benchmark": "model", "case": "train step paper widths, fast / auto quaternion product",
+            "metric": "step ratio", "value": fast / auto, "unit": "ratio", "note": "auto is dense on a GPU"}
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="one training-step case, printed as a JSON line")
     parser.add_argument("--case", type=int, nargs="+", required=True, help="widths")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--product", choices=("auto", "dense", "fast"), default="auto")
     args = parser.parse_args()
-    print(json.dumps(_train_steps(tuple(args.case), args.steps)))
+    print(json.dumps(_train_steps(tuple(args.case), args.steps, args.product)))

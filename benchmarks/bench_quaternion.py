@@ -11,19 +11,22 @@ a round takes longer than ``ROUND_BUDGET_S / REPEATS``). ``auto`` runs exactly t
 that :func:`~aqcf.nn.quaternion.resolve_product` picks, so its time is that path's time. A few probe
 widths outside the network (``PROBE_SHAPES``) locate the thresholds of that rule.
 
-Grids of more than ``MAX_VOXELS`` input voxels (the two finest levels) are timed on a crop, halving
-the larger in-plane axis until it fits: a narrow fast path there takes minutes per run on the full
-grid, and a convolution's time grows in proportion to its voxels. The summary scales such times back
-to the full grid. A fast path that takes more than ``SLOW_FACTOR`` times the dense path in the warm-up
-round is not repeated; its row says so.
+The layers run on the GPU when there is one (``--device`` chooses), timed in float32 and in bfloat16
+autocast (the paper config's ``bf16-mixed``; ``--precision`` chooses) with the device synchronised
+around every run; on a CPU, in float32. On a CPU, grids of more than ``MAX_VOXELS`` input voxels (the
+two finest levels) are timed on a crop, halving the larger in-plane axis until it fits: a narrow fast
+path there takes minutes per run on the full grid, and a convolution's time grows in proportion to
+its voxels. The summary scales such times back to the full grid. A fast path that takes more than
+``SLOW_FACTOR`` times the dense path in the warm-up round is not repeated; its row says so.
 
-The full table takes about 9 minutes on the 2-core development CPU. A whole training step at the
+The full table takes about 4 minutes on the 2-core development CPU. A whole training step at the
 paper's widths on 256×256×16 patches, every quaternion layer forced dense against ``auto``, is a
 separate command (``--train-step``): fresh processes in the order dense, auto, auto, dense, three
 steps each (1.5 minutes a step there, about 30 minutes in all), so it stays out of ``run`` and
 ``benchmarks/run.py``.
 
-Usage: ``python benchmarks/bench_quaternion.py [--quick | --train-step]`` prints the rows as JSON lines.
+Usage: ``python benchmarks/bench_quaternion.py [--quick | --train-step] [--device cpu|cuda] [--precision fp32 bf16]``
+prints the rows as JSON lines.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ MIN_REPEATS = 3
 ROUND_BUDGET_S = 15.0
 SLOW_FACTOR = 2.0
 MAX_VOXELS = 32 * 64 * 16
+# precisions timed per device type: bf16 is autocast, as the paper config's bf16-mixed
+PRECISIONS = {"cuda": ("fp32", "bf16"), "cpu": ("fp32",)}
 # widths outside the network that locate the auto rule's thresholds (FAST_* in aqcf/nn/quaternion.py)
 PROBE_SHAPES = (
     ("conv", 16, 16, 3, 1, (64, 64, 4)),
@@ -90,12 +95,14 @@ class LayerShape(NamedTuple):
     kernel: int
     stride: int
     grid: tuple[int, int, int]
+    # larger grids are timed on a crop; None times every grid whole (on a GPU)
+    max_voxels: int | None = MAX_VOXELS
 
     @property
     def timed_grid(self) -> tuple[int, int, int]:
-        """``grid``, with the larger in-plane axis halved until at most ``MAX_VOXELS`` voxels remain."""
+        """``grid``, with the larger in-plane axis halved until at most ``max_voxels`` voxels remain."""
         x, y, z = self.grid
-        while x * y * z > MAX_VOXELS and max(x, y) > 1:
+        while self.max_voxels is not None and x * y * z > self.max_voxels and max(x, y) > 1:
             x, y = (x // 2, y) if x >= y else (x, y // 2)
         return x, y, z
 
@@ -155,22 +162,34 @@ def _layers(shape: LayerShape) -> dict[str, nn.Module]:
     return {"real": real, DENSE: dense, FAST: fast}
 
 
-def _step_once(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_once(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, precision: str) -> float:
     x.grad = None
     layer.zero_grad(set_to_none=True)
+    _synchronize(x.device)
     start = time.perf_counter()
-    layer(x).backward(grad)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = layer(x)
+    out.backward(grad.to(out.dtype))
+    _synchronize(x.device)
     return time.perf_counter() - start
 
 
-def time_shape(shape: LayerShape, repeats: int) -> dict[str, dict]:
+def time_shape(
+    shape: LayerShape, repeats: int, device: torch.device | str = "cpu", precision: str = "fp32"
+) -> dict[str, dict]:
     """Forward + backward seconds of the three variants, interleaved: ``{name: {"s": median, "runs": n}}``."""
+    device = torch.device(device)
     torch.manual_seed(0)
-    layers = _layers(shape)
-    x = torch.randn(1, 4 * shape.q_in, *shape.timed_grid, requires_grad=True)
-    with torch.no_grad():
+    layers = {name: layer.to(device) for name, layer in _layers(shape).items()}
+    x = torch.randn(1, 4 * shape.q_in, *shape.timed_grid, device=device, requires_grad=True)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         grad = torch.randn_like(layers["real"](x))
-    times: dict[str, list[float]] = {name: [_step_once(layer, x, grad)] for name, layer in layers.items()}
+    times: dict[str, list[float]] = {name: [_step_once(layer, x, grad, precision)] for name, layer in layers.items()}
     warm_round = sum(t[0] for t in times.values())
     active = [name for name in layers if not (name == "fast" and times["fast"][0] > SLOW_FACTOR * times["dense"][0])]
     repeats = max(MIN_REPEATS, min(repeats, int(ROUND_BUDGET_S / warm_round)))
@@ -178,7 +197,7 @@ def time_shape(shape: LayerShape, repeats: int) -> dict[str, dict]:
         times[name] = []
     for _ in range(repeats):
         for name in active:
-            times[name].append(_step_once(layers[name], x, grad))
+            times[name].append(_step_once(layers[name], x, grad, precision))
     return {name: {"s": statistics.median(t), "runs": len(t)} for name, t in times.items()}
 
 
@@ -188,17 +207,29 @@ def _as_rows(case: str, rows: list[tuple]) -> list[dict]:
     ]
 
 
-def _rows_for(shape: LayerShape, count: int, measured: dict[str, dict]) -> list[dict]:
+def _auto(shape: LayerShape, device_type: str) -> str:
     from aqcf.nn.quaternion import AUTO, resolve_product
 
-    auto = resolve_product(
-        AUTO, shape.q_in, shape.q_out, shape.kernel, "cpu", shape.kind == "transposed", shape.pointwise
-    )
+    transposed = shape.kind == "transposed"
+    return resolve_product(AUTO, shape.q_in, shape.q_out, shape.kernel, device_type, transposed, shape.pointwise)
+
+
+def _where(device: torch.device, precision: str) -> str:
+    """How the rows of one device and precision are told apart: nothing on a CPU in float32."""
+    return "" if (device.type, precision) == ("cpu", "fp32") else f", {device.type} {precision}"
+
+
+def _rows_for(
+    shape: LayerShape, count: int, measured: dict[str, dict], device: torch.device, precision: str
+) -> list[dict]:
+    auto = _auto(shape, device.type)
     ms = {name: 1e3 * m["s"] for name, m in measured.items()}
     reference = "nn.Conv3d" if shape.kind == "conv" else "nn.ConvTranspose3d"
-    case = f"{shape.label()} (x{count} per joint forward)" if count else f"{shape.label()} (probe, not in the network)"
+    label = shape.label() + _where(device, precision)
+    case = f"{label} (x{count} per joint forward)" if count else f"{label} (probe, not in the network)"
     runs = {name: m["runs"] for name, m in measured.items()}
-    note = f"fwd+bwd, median of {runs['real']} interleaved runs, {torch.get_num_threads()} torch threads"
+    on = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} torch threads"
+    note = f"fwd+bwd, median of {runs['real']} interleaved runs, {on}, {precision}"
     fast_note = note if runs["fast"] == runs["real"] else f"one run: over {SLOW_FACTOR:g}x dense, not repeated"
     rows = [
         (f"{reference} fwd+bwd", ms["real"], "ms", note),
@@ -206,33 +237,34 @@ def _rows_for(shape: LayerShape, count: int, measured: dict[str, dict]) -> list[
         ("fast quaternion fwd+bwd", ms["fast"], "ms", fast_note),
         (f"dense / {reference}", ms["dense"] / ms["real"], "ratio", ""),
         (f"fast / {reference}", ms["fast"] / ms["real"], "ratio", ""),
-        (f"auto / {reference}", ms[auto] / ms["real"], "ratio", f"auto = {auto} on cpu"),
+        (f"auto / {reference}", ms[auto] / ms["real"], "ratio", f"auto = {auto} on {device.type}"),
     ]
     return _as_rows(case, rows)
 
 
-def _summary_rows(results: list[tuple[LayerShape, int, dict[str, dict]]], case: str) -> list[dict]:
-    """Per joint forward, weighted by layer counts; and the worst auto / dense over all shapes."""
-    from aqcf.nn.quaternion import AUTO, resolve_product
+def _summary_rows(results: list[tuple[LayerShape, int, dict[str, dict]]], case: str, device_type: str) -> list[dict]:
+    """Per joint forward, weighted by layer counts; and the worst auto / dense over all shapes.
 
-    total = {"real": 0.0, "dense": 0.0, "auto": 0.0}
+    The fast path's sum is there too: on a GPU, where auto is dense, it is what a CUDA rule would weigh.
+    """
+    total = {"real": 0.0, "dense": 0.0, "fast": 0.0, "auto": 0.0}
     worst = 0.0
     for shape, count, measured in results:
         if not count:
             continue
-        auto = resolve_product(
-        AUTO, shape.q_in, shape.q_out, shape.kernel, "cpu", shape.kind == "transposed", shape.pointwise
-    )
+        auto = _auto(shape, device_type)
         weight = count * shape.crop_factor
-        total["real"] += weight * measured["real"]["s"]
-        total["dense"] += weight * measured["dense"]["s"]
+        for name in ("real", "dense", "fast"):
+            total[name] += weight * measured[name]["s"]
         total["auto"] += weight * measured[auto]["s"]
         worst = max(worst, measured[auto]["s"] / measured["dense"]["s"])
     rows = [
         ("real convs of the same shapes", total["real"], "s", ""),
         ("dense quaternion", total["dense"], "s", ""),
-        ("auto quaternion", total["auto"], "s", ""),
+        ("fast quaternion, every layer", total["fast"], "s", "slow fast paths timed once"),
+        ("auto quaternion", total["auto"], "s", f"auto as resolved on {device_type}"),
         ("auto / dense", total["auto"] / total["dense"], "ratio", "the convolution part of a step only"),
+        ("fast / dense", total["fast"] / total["dense"], "ratio", "every layer forced fast"),
         ("worst auto / dense over the shapes", worst, "ratio", "1 where auto is dense (the same timings)"),
     ]
     return _as_rows(case, rows)
@@ -299,26 +331,36 @@ def train_step_rows(widths: tuple[int, ...] = PAPER_WIDTHS, rounds: int = 1, ste
     return _as_rows(case, rows)
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Per-layer benchmark rows; ``quick`` times a few shapes on small grids."""
+NETWORK_SUM = "all network layers, summed with their counts per joint CT+MRI forward, crops scaled to the full grid"
+
+
+def run(quick: bool = False, device: str | None = None, precisions: tuple[str, ...] | None = None) -> list[dict]:
+    """Per-layer benchmark rows; ``quick`` times a few shapes on small grids.
+
+    ``device`` defaults to CUDA when there is one, ``precisions`` to ``PRECISIONS`` of its type.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precisions = precisions or PRECISIONS[device.type]
     if quick:
         shapes = Counter({LayerShape(*s): 1 for s in QUICK_SHAPES})
     else:
         shapes = network_shapes()
         shapes.update({LayerShape(*s): 0 for s in PROBE_SHAPES})
+    if device.type != "cpu":
+        shapes = Counter({shape._replace(max_voxels=None): n for shape, n in shapes.items()})
     ordered = sorted(shapes, key=lambda s: (s.kind, s.kernel, min(s.q_in, s.q_out), s.q_in, s.q_out, s.grid))
-    results = []
     rows: list[dict] = []
-    for shape in ordered:
-        measured = time_shape(shape, QUICK_REPEATS if quick else REPEATS)
-        results.append((shape, shapes[shape], measured))
-        rows += _rows_for(shape, shapes[shape], measured)
-        print(f"[quaternion] {shape.label()}: " + ", ".join(f"{n} {1e3 * m['s']:.1f} ms" for n, m in measured.items()),
-              file=sys.stderr, flush=True)  # fmt: skip
-    if quick:
-        return rows + _summary_rows(results, "the quick shapes, one of each")
-    case = "all network layers, summed with their counts per joint CT+MRI forward, crops scaled to the full grid"
-    return rows + _summary_rows(results, case)
+    for precision in precisions:
+        results = []
+        for shape in ordered:
+            measured = time_shape(shape, QUICK_REPEATS if quick else REPEATS, device, precision)
+            results.append((shape, shapes[shape], measured))
+            rows += _rows_for(shape, shapes[shape], measured, device, precision)
+            times = ", ".join(f"{n} {1e3 * m['s']:.1f} ms" for n, m in measured.items())
+            print(f"[quaternion] {shape.label()}{_where(device, precision)}: {times}", file=sys.stderr, flush=True)
+        case = "the quick shapes, one of each" if quick else NETWORK_SUM
+        rows += _summary_rows(results, case + _where(device, precision), device.type)
+    return rows
 
 
 if __name__ == "__main__":
@@ -330,6 +372,9 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2, help="--train-step: rounds of one dense + one auto process")
     parser.add_argument("--steps", type=int, default=TRAIN_STEPS,
                         help="--train-step: steps per process, all but the first timed")
+    parser.add_argument("--device", help="the layer table's device (default: cuda if available, else cpu)")
+    parser.add_argument("--precision", nargs="+", choices=("fp32", "bf16"),
+                        help="the layer table's precisions (default: fp32 and bf16 on cuda, fp32 on cpu)")
     args = parser.parse_args()
     if args.step:
         print(json.dumps(_train_step(tuple(args.widths), args.step, args.steps)))
@@ -337,5 +382,5 @@ if __name__ == "__main__":
         for row in train_step_rows(tuple(args.widths), args.rounds, args.steps):
             print(json.dumps(row))
     else:
-        for row in run(quick=args.quick):
+        for row in run(quick=args.quick, device=args.device, precisions=tuple(args.precision or ()) or None):
             print(json.dumps(row))
