@@ -361,8 +361,9 @@ def _pointwise_products(weight: Tensor, inputs: Tensor) -> Tensor:
 
 
 def _add_bias(y: Tensor, bias: Tensor | None) -> Tensor:
-    # the bias rides on P4..P7, each of which enters one output component with factor 1
-    return y if bias is None else y + bias.view(1, -1, *(1,) * (y.dim() - 2))
+    # the bias rides on P4..P7, each of which enters one output component with factor 1; in y's dtype,
+    # as a convolution under autocast adds it (a float32 bias would promote a bfloat16 output)
+    return y if bias is None else y + bias.to(y.dtype).view(1, -1, *(1,) * (y.dim() - 2))
 
 
 class _QuaternionConvBase(nn.Module):

@@ -293,6 +293,31 @@ def test_fast_and_dense_give_the_same_output_and_gradients(case, dtype):
         assert_relative_close(fast[name], expected, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize(
+    "case", ["conv k1", "conv k3", "transposed k2 stride 2", "transposed k3 stride 2"]
+)
+def test_fast_path_under_bf16_autocast_stays_at_bf16_precision(case):
+    """Besides the convolution it rounds the 8 input and 4 output combinations: within 2x the dense path's error."""
+    cls, kwargs, (batch, *size) = LAYER_CASES[case]
+    torch.manual_seed(0)
+    layer = cls(4 * 16, 4 * 16, **kwargs).double()
+    x = torch.randn(batch, 4 * 16, *size, dtype=torch.float64)
+    layer.product = "dense"
+    with torch.no_grad():
+        reference = layer(x)
+        layer.float()
+        errors = {}
+        for product in ("dense", "fast"):
+            layer.product = product
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = layer(x.float())
+            assert out.dtype == torch.bfloat16
+            errors[product] = (out.double() - reference).pow(2).mean().sqrt() / reference.pow(2).mean().sqrt()
+    # bfloat16 keeps 8 significant bits: a relative rounding of up to 2**-8 per value
+    assert errors["dense"] < 2**-7
+    assert errors["fast"] < 2 * errors["dense"]
+
+
 @pytest.mark.parametrize("cls", [QuaternionConv3d, QuaternionConvTranspose3d])
 def test_product_changes_neither_parameters_nor_initialisation(cls):
     layers = {}
