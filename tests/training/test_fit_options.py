@@ -108,10 +108,11 @@ def test_non_finite_batch_stops_fit_and_keeps_the_last_checkpoint(tiny_phantoms,
 
 
 @pytest.mark.slow
-def test_compiled_network_gives_the_eager_outputs_and_keeps_its_keys():
+@pytest.mark.parametrize("product", ["auto", "fast"])  # fast: grouped convolutions and matrix products
+def test_compiled_network_gives_the_eager_outputs_and_keeps_its_keys(product):
     torch.manual_seed(0)
-    network = AQCFNet(widths=TINY)
-    eager = AQCFNet(widths=TINY)
+    network = AQCFNet(widths=TINY, quaternion_product=product)
+    eager = AQCFNet(widths=TINY, quaternion_product=product)
     eager.load_state_dict(network.state_dict())
     module = SegmentationModule(network, compile=True, compile_backend="aot_eager")
     module.configure_model()
