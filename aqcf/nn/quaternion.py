@@ -107,10 +107,10 @@ _FAST_GROUPS = 8
 # likely oneDNN's fast grouped kernels want per-group channels in multiples of 16 floats, one AVX-512
 # register), and 16->16 gains little (0.89-0.99); grouped transposed 2x2x2 convs won clearly only from
 # 96 channels. Pointwise layers (a matrix product, module docstring): 1x1x1 convs win from 96
-# channels (96->96: 0.62-0.69, 128->128: 0.55, 192->192: 0.52-0.61) and lose or tie below, not
-# monotonically (48->48: 0.85, 64->64: 1.31-1.40, 24->24: 1.36); transposed 2x2x2 convs at stride 2
-# win from 24 channels whether or not they are multiples of 16 (48->24: 0.76-0.81, 32->32: 0.77,
-# 96->48: 0.58, 256->96: 0.21) and tie below (24->12: 0.94, 16->16: 1.03).
+# channels (96->96: 0.62-0.86, 128->128: 0.55-0.57, 192->192: 0.52-0.61) and lose or tie below, not
+# monotonically (48->48: 0.85-1.34, 64->64: 1.31-1.49, 24->24: 1.26-1.36); transposed 2x2x2 convs at
+# stride 2 win from 24 channels whether or not they are multiples of 16 (48->24: 0.63-0.81, 32->32:
+# 0.77, 96->48: 0.55-0.58, 256->96: 0.21) and tie below (24->12: 0.94-1.0, 16->16: 1.03-1.08).
 FAST_CHANNEL_MULTIPLE_CPU = 16
 FAST_MIN_CHANNELS_CPU = {"conv": 32, "transposed": 96, "pointwise": 96, "transposed pointwise": 24}
 
