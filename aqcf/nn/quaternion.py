@@ -44,10 +44,11 @@ and ``2`` are powers of two, so folding them into the kernels is exact. Expandin
 ``Wi xr + Wr xi - Wk xj + Wj xk``.
 
 A *pointwise* layer (a 1×1×1 convolution at stride 1 without padding, or a transposed convolution
-whose kernel equals its stride, without padding) is a matrix product per voxel; there the 8 products
-are one batched matrix product (``torch.matmul`` of ``(8, C_out, C_in)`` by ``(B, 8, C_in, voxels)``)
-instead of the grouped convolution, which oneDNN runs several times slower for these shapes, and a
-transposed layer then places each input voxel's ``kernel``-sized block of the output itself.
+whose kernel equals its stride, without padding, output padding or dilation) is a matrix product per
+voxel; there the 8 products are one batched matrix product (``torch.matmul`` of ``(8, C_out, C_in)``
+by ``(B, 8, C_in, voxels)``) instead of the grouped convolution, which oneDNN runs up to several
+times slower for these shapes, and a transposed layer then places each input voxel's
+``kernel``-sized block of the output itself.
 
 On a CPU the grouped convolution is slow at narrow widths and at widths that are no multiple of 16,
 so ``product="auto"`` (the default) takes the fast path only where it was measured to win; see
