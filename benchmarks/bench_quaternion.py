@@ -107,11 +107,6 @@ class LayerShape(NamedTuple):
         return x, y, z
 
     @property
-    def pointwise(self) -> bool:
-        """A 1×1×1 convolution at stride 1 or a transposed one with kernel = stride (as the layers built here)."""
-        return self.kernel == self.stride if self.kind == "transposed" else self.kernel == self.stride == 1
-
-    @property
     def crop_factor(self) -> float:
         """Voxels of ``grid`` per voxel of ``timed_grid``."""
         return math.prod(self.grid) / math.prod(self.timed_grid)
@@ -148,18 +143,22 @@ def network_shapes(widths: tuple[int, ...] = PAPER_WIDTHS, patch: tuple[int, ...
     return shapes
 
 
+def _quaternion_layer(shape: LayerShape, product: str) -> nn.Module:
+    from aqcf.nn.quaternion import QuaternionConv3d, QuaternionConvTranspose3d
+
+    layer = QuaternionConv3d if shape.kind == "conv" else QuaternionConvTranspose3d
+    return layer(4 * shape.q_in, 4 * shape.q_out, shape.kernel, stride=shape.stride, bias=False, product=product)
+
+
 def _layers(shape: LayerShape) -> dict[str, nn.Module]:
-    from aqcf.nn.quaternion import DENSE, FAST, QuaternionConv3d, QuaternionConvTranspose3d
+    from aqcf.nn.quaternion import DENSE, FAST
 
     c_in, c_out, k, s = 4 * shape.q_in, 4 * shape.q_out, shape.kernel, shape.stride
     if shape.kind == "conv":
         real = nn.Conv3d(c_in, c_out, k, stride=s, padding=k // 2, bias=False)
-        dense = QuaternionConv3d(c_in, c_out, k, stride=s, bias=False, product=DENSE)
     else:
         real = nn.ConvTranspose3d(c_in, c_out, k, stride=s, bias=False)
-        dense = QuaternionConvTranspose3d(c_in, c_out, k, stride=s, bias=False, product=DENSE)
-    fast = type(dense)(c_in, c_out, k, stride=s, bias=False, product=FAST)
-    return {"real": real, DENSE: dense, FAST: fast}
+    return {"real": real, DENSE: _quaternion_layer(shape, DENSE), FAST: _quaternion_layer(shape, FAST)}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -208,10 +207,11 @@ def _as_rows(case: str, rows: list[tuple]) -> list[dict]:
 
 
 def _auto(shape: LayerShape, device_type: str) -> str:
-    from aqcf.nn.quaternion import AUTO, resolve_product
+    """The path an ``auto`` layer of ``shape`` takes on ``device_type``, as the layer itself resolves it."""
+    from aqcf.nn.quaternion import AUTO
 
-    transposed = shape.kind == "transposed"
-    return resolve_product(AUTO, shape.q_in, shape.q_out, shape.kernel, device_type, transposed, shape.pointwise)
+    with torch.device("meta"):
+        return _quaternion_layer(shape, AUTO).resolved_product(device_type)
 
 
 def _where(device: torch.device, precision: str) -> str:
